@@ -1,0 +1,176 @@
+"""The uniform entry model every filesystem adapter fills, and the filesystem interface.
+
+The assembly layer only ever sees :class:`Entry` objects and :class:`Filesystem` methods, so
+ext, XFS, btrfs and FAT look alike above this line.
+"""
+
+from __future__ import annotations
+
+import enum
+import stat
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+
+class EntryType(enum.Enum):
+    """What kind of inode an entry is (the ``S_IFMT`` part of a mode)."""
+
+    FILE = "file"
+    DIR = "dir"
+    SYMLINK = "symlink"
+    CHAR = "char"
+    BLOCK = "block"
+    FIFO = "fifo"
+    SOCKET = "socket"
+
+    @classmethod
+    def from_mode(cls, mode: int) -> EntryType | None:
+        """Map an ``st_mode``-style value to a type, or ``None`` for an invalid ``S_IFMT``."""
+        return _IFMT.get(stat.S_IFMT(mode))
+
+
+_IFMT = {
+    stat.S_IFREG: EntryType.FILE,
+    stat.S_IFDIR: EntryType.DIR,
+    stat.S_IFLNK: EntryType.SYMLINK,
+    stat.S_IFCHR: EntryType.CHAR,
+    stat.S_IFBLK: EntryType.BLOCK,
+    stat.S_IFIFO: EntryType.FIFO,
+    stat.S_IFSOCK: EntryType.SOCKET,
+}
+
+
+@dataclass(slots=True)
+class Entry:
+    """One inode as the guest kernel would show it through ``lstat``/``getxattr``/``readlink``.
+
+    Attributes:
+        type: the inode type.
+        mode: the 12 permission bits (setuid, setgid, sticky included), without ``S_IFMT``.
+        uid, gid: numeric owners, 32-bit.
+        size: ``st_size`` (for a symlink the length of its target).
+        mtime_ns, atime_ns, ctime_ns: times in nanoseconds since the epoch, signed (before
+            1970 is negative).
+        nlink: ``st_nlink``.
+        inode: the inode number, unique within its filesystem (hardlink identity).
+        rdev_major, rdev_minor: device numbers of a char or block device, else 0.
+        xattrs: every extended attribute, name → raw value, as ``getxattr`` returns them
+            (POSIX ACLs as ``system.posix_acl_access``/``system.posix_acl_default`` in the
+            kernel's version-2 format).
+        link_target: the raw target of a symlink.
+    """
+
+    type: EntryType
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    atime_ns: int = 0
+    ctime_ns: int = 0
+    nlink: int = 1
+    inode: int = 0
+    rdev_major: int = 0
+    rdev_minor: int = 0
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+    link_target: bytes = b""
+
+
+DataRun = tuple[int, int]
+"""``(offset, length)`` of a stretch of a file that holds data; everything else reads as zeros."""
+
+
+class Filesystem(ABC):
+    """A mounted-read-only view of one filesystem, addressed by inode handles.
+
+    A *handle* is whatever the adapter needs to find an inode again (an inode number, a
+    library object); the assembly layer treats it as opaque and keeps it only while it walks
+    one directory.
+    """
+
+    #: short type name as ``mount -t`` knows it: ``ext4``, ``xfs``, ``btrfs``, ``vfat``
+    fstype: str = ""
+    #: filesystem UUID in the form ``blkid`` prints (``UUID=`` in fstab), or ``None``
+    uuid: str | None = None
+    #: filesystem label (``LABEL=`` in fstab), or ``None``
+    label: str | None = None
+
+    @abstractmethod
+    def root(self) -> object:
+        """The handle of the root directory."""
+
+    @abstractmethod
+    def stat(self, handle: object) -> Entry:
+        """Metadata of the inode behind *handle*."""
+
+    @abstractmethod
+    def iterdir(self, handle: object) -> Iterator[tuple[bytes, object]]:
+        """The entries of a directory as ``(name, handle)``, without ``.`` and ``..``.
+
+        Names are raw bytes (any encoding); order is unspecified (the caller sorts).
+        """
+
+    @abstractmethod
+    def open(self, handle: object) -> BinaryIO:
+        """A seekable stream over the content of a regular file."""
+
+    def data_runs(self, handle: object) -> list[DataRun] | None:
+        """The stretches of a regular file that hold data, merged and sorted, or ``None``
+        when the adapter cannot tell (the file is then treated as fully dense)."""
+        return None
+
+    def lookup(self, path: bytes, *, follow: bool = True) -> object:
+        """Resolve an absolute path inside this filesystem to a handle.
+
+        Symlinks are followed inside this filesystem only (an absolute target restarts at this
+        filesystem's root), never on the host.
+
+        Raises:
+            FileNotFoundError: a component does not exist (or a loop was detected).
+        """
+        return _lookup(self, path, follow=follow)
+
+    def read_file(self, path: bytes, limit: int = 1 << 20) -> bytes:
+        """Read at most *limit* bytes of the file at *path* (for ``/etc/fstab`` and friends)."""
+        handle = self.lookup(path)
+        if self.stat(handle).type is not EntryType.FILE:
+            raise FileNotFoundError(path.decode(errors="replace"))
+        with self.open(handle) as fh:
+            return fh.read(limit)
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what the adapter holds (most hold nothing)."""
+
+
+def _lookup(fs: Filesystem, path: bytes, *, follow: bool) -> object:
+    parts = [p for p in path.split(b"/") if p and p != b"."]
+    stack: list[object] = [fs.root()]
+    hops = 0
+    while parts:
+        name = parts.pop(0)
+        if name == b"..":
+            if len(stack) > 1:
+                stack.pop()
+            continue
+        current = stack[-1]
+        if fs.stat(current).type is not EntryType.DIR:
+            raise FileNotFoundError(path.decode(errors="replace"))
+        for child_name, child in fs.iterdir(current):
+            if child_name == name:
+                break
+        else:
+            raise FileNotFoundError(path.decode(errors="replace"))
+        entry = fs.stat(child)
+        if entry.type is EntryType.SYMLINK and (parts or follow):
+            hops += 1
+            if hops > 40:  # Linux's MAXSYMLINKS
+                raise FileNotFoundError(f"{path.decode(errors='replace')}: too many symlinks")
+            target = entry.link_target
+            if target.startswith(b"/"):
+                stack = [fs.root()]
+            parts = [p for p in target.split(b"/") if p and p != b"."] + parts
+            continue
+        stack.append(child)
+    return stack[-1]

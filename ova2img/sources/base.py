@@ -1,0 +1,59 @@
+"""Data types of the source layer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+
+@dataclass
+class DiskFile:
+    """One virtual disk file as the source delivers it (not yet decoded).
+
+    Attributes:
+        name: its name inside the source (OVA member name, or the path given by the user).
+        size: size of the file in bytes (not the virtual disk size).
+        open: returns a new seekable binary stream over the file's bytes (a window of the OVA
+            for a member; never an extracted copy).
+        resolve: opens another file of the same source by the (relative) name a descriptor
+            uses for it; raises :class:`~ova2img.errors.SourceError` when there is none.
+        capacity: the capacity the OVF envelope declares for this disk, if any.
+    """
+
+    name: str
+    size: int
+    open: Callable[[], BinaryIO]
+    resolve: Callable[[str], BinaryIO]
+    capacity: int | None = None
+
+
+@dataclass
+class Source:
+    """A VM as delivered: its disks in order, and what the packaging says about it.
+
+    Attributes:
+        name: what the user passed (a path, or ``-``).
+        kind: ``ova``, ``ovf`` or ``images``.
+        disks: the virtual disk files in disk order (first = the guest's first disk).
+        product: OVF ProductSection fields (``product``, ``vendor``, ``version``, …), if any.
+        files: every file of the packaging with its size (for ``inspect``).
+    """
+
+    name: str
+    kind: str
+    disks: list[DiskFile]
+    product: dict[str, str] = field(default_factory=dict)
+    files: dict[str, int] = field(default_factory=dict)
+    _closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    def close(self) -> None:
+        """Close the files the source opened."""
+        while self._closers:
+            self._closers.pop()()
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
