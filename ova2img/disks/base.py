@@ -37,4 +37,6 @@ def open_disk(disk: DiskFile, index: int = 0) -> VirtualDisk:
     Raises:
         DiskError: malformed image; UnsupportedError: a recognised but unsupported format.
     """
-    raise NotImplementedError
+    from .detect import open_disk as _open_disk  # detect imports this module's VirtualDisk
+
+    return _open_disk(disk, index)

@@ -2,7 +2,30 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from ..errors import SourceError
 from .base import Source
+from .files import open_images, regular_file_size
+from .ova import open_ova
+from .ovf import open_ovf
+
+
+def sniff(path: Path) -> str:
+    """Tell ``ova``, ``ovf`` or ``image`` from the first bytes of ``path`` (not its name).
+
+    A tar archive has ``ustar`` at offset 257 (POSIX ``ustar\\0``, GNU ``ustar  \\0``); an OVF is
+    XML whose root element is an ``Envelope``; anything else goes to the disk layer.
+    """
+    regular_file_size(path, what="source")
+    with path.open("rb") as fh:
+        head = fh.read(4096)
+    if head[257:262] == b"ustar":
+        return "ova"
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if text.startswith(b"<") and b"Envelope" in head:
+        return "ovf"
+    return "image"
 
 
 def open_source(paths: list[str]) -> Source:
@@ -14,4 +37,20 @@ def open_source(paths: list[str]) -> Source:
     Raises:
         SourceError: unreadable file, malformed OVA/OVF, missing referenced file.
     """
-    raise NotImplementedError
+    if not paths:
+        raise SourceError("no source given")
+    if "-" in paths:
+        raise SourceError("reading from stdin needs the [sources] issue", obj="-")
+    kinds = [sniff(Path(p)) for p in paths]
+    if len(paths) > 1:
+        for p, kind in zip(paths, kinds, strict=True):
+            if kind != "image":
+                raise SourceError(
+                    f"an {kind.upper()} must be given alone, not with other sources", obj=p
+                )
+        return open_images(paths)
+    if kinds[0] == "ova":
+        return open_ova(Path(paths[0]), paths[0])
+    if kinds[0] == "ovf":
+        return open_ovf(Path(paths[0]), paths[0])
+    return open_images(paths)

@@ -1,0 +1,118 @@
+"""The seekable stream every disk format hands to the volume layer."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from typing import BinaryIO, cast
+
+from ..errors import DiskError, Ova2imgError
+
+# What a dissect parser raises on bad bytes; wrapped into DiskError at the read boundary.
+DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    zlib.error,
+    struct.error,
+    IndexError,
+    KeyError,
+    EOFError,
+    ValueError,
+    OSError,
+    NotImplementedError,
+)
+
+
+class DiskStream(io.RawIOBase):
+    """A read-only, seekable stream of ``size`` bytes; subclasses implement :meth:`_pread`.
+
+    Every read returns exactly ``min(n, size - position)`` bytes (zeros where the image is
+    sparse) or raises :class:`DiskError` naming the disk and the offset; a short read from the
+    format (a truncated image file) is an error, never silently short data.
+    """
+
+    def __init__(self, size: int, label: str) -> None:
+        super().__init__()
+        self.size = size
+        self.label = label
+        self._pos = 0
+
+    def _pread(self, offset: int, length: int) -> bytes:
+        """Return ``length`` bytes at ``offset`` (both within the disk)."""
+        raise NotImplementedError
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            new = pos
+        elif whence == io.SEEK_CUR:
+            new = self._pos + pos
+        elif whence == io.SEEK_END:
+            new = self.size + pos
+        else:
+            raise ValueError(f"invalid whence {whence}")
+        if new < 0:
+            raise ValueError(f"negative seek position {new}")
+        self._pos = new
+        return new
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes at ``offset`` without moving the position (clamped to the disk)."""
+        length = max(0, min(length, self.size - offset))
+        if length == 0:
+            return b""
+        try:
+            data = self._pread(offset, length)
+        except Ova2imgError:
+            raise
+        except DECODE_ERRORS as err:
+            raise DiskError(
+                f"cannot decode {length} bytes: {type(err).__name__}: {err}",
+                obj=self.label,
+                offset=offset,
+            ) from err
+        if len(data) != length:
+            raise DiskError(
+                f"short read: {len(data)} of {length} bytes (is the image file truncated?)",
+                obj=self.label,
+                offset=offset,
+            )
+        return data
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            size = self.size - self._pos
+        data = self.pread(self._pos, size)
+        self._pos += len(data)
+        return data
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self.read(len(buffer))
+        memoryview(buffer)[: len(data)] = data
+        return len(data)
+
+    def as_binary(self) -> BinaryIO:
+        """This stream typed as the :class:`typing.BinaryIO` the layers pass around."""
+        return cast(BinaryIO, self)
+
+
+class RawStream(DiskStream):
+    """A raw image: the file's bytes as they are."""
+
+    def __init__(self, fh: BinaryIO, size: int, label: str) -> None:
+        super().__init__(size, label)
+        self._fh = fh
+
+    def _pread(self, offset: int, length: int) -> bytes:
+        self._fh.seek(offset)
+        return self._fh.read(length)
