@@ -21,12 +21,16 @@ class Volume:
         stream: seekable stream over exactly the volume's bytes.
         scheme: ``mbr``, ``gpt`` or ``none`` (no partition table).
         type: partition type as text (MBR ``0x83``, GPT type GUID), or ``""``.
-        partuuid: ``PARTUUID=`` value as blkid prints it (GPT: the partition GUID; MBR:
-            ``<disk signature>-<2-digit number>``), or ``None``.
+        partuuid: ``PARTUUID=`` value as blkid prints it (GPT: the partition GUID, lowercase;
+            MBR: ``%08x-%02x`` of the disk signature and the number, e.g. ``1f2e3d4c-0a`` for
+            partition 10), or ``None`` (MBR whose signature is 0).
         partlabel: GPT partition name, or ``None``.
-        content: what the volume's first bytes say it holds (``ext4``, ``swap``, ``lvm2``,
-            ``xfs``, ``btrfs``, ``vfat``, ``luks``, ``extended``, … or ``unknown``), filled
-            by :func:`ova2img.filesystems.probe`.
+        content: what the volume's bytes say it holds, in blkid's ``TYPE`` names (``ext4``,
+            ``swap``, ``LVM2_member``, ``xfs``, ``btrfs``, ``vfat``, ``crypto_LUKS``, … or
+            ``unknown``), filled by the caller with :func:`ova2img.filesystems.probe`.
+        extra: scheme details: ``pttype`` (``dos``/``gpt``), ``ptuuid`` (disk signature or
+            disk GUID), ``bootable`` (MBR boot flag set), ``attributes`` (GPT attribute
+            flags), ``gpt_header`` (``backup`` when the primary GPT was invalid).
     """
 
     name: str
@@ -47,7 +51,14 @@ def find_volumes(disk: VirtualDisk) -> list[Volume]:
     """The partitions of *disk* in Linux numbering order, or the whole disk as one volume when
     it has no partition table. Extended MBR containers are not returned (only what they hold).
 
+    Partitions are named and numbered as Linux does (``sda1``…; MBR logicals from 5 in EBR
+    chain order; GPT by entry slot), each with a stream over exactly its bytes. ``content`` is
+    left ``"unknown"``: the caller fills it with :func:`ova2img.filesystems.probe` (a later
+    layer). Problems that do not stop the walk are logged on ``ova2img.volumes``.
+
     Raises:
         VolumeError: a malformed or inconsistent partition table.
     """
-    raise NotImplementedError
+    from .table import find_volumes as _find_volumes  # table imports Volume from here
+
+    return _find_volumes(disk)

@@ -20,7 +20,7 @@ MiB = 1 << 20
 def _whole_disk_volume(path: Path, index: int, stack: list[object]) -> Volume:
     fh = path.open("rb")
     stack.append(fh)
-    return Volume(f"sd{chr(97 + index)}", index, 0, 0, path.stat().st_size, fh, content="lvm2")
+    return Volume(f"sd{chr(97 + index)}", index, 0, 0, path.stat().st_size, fh, content="LVM2_member")
 
 
 @pytest.fixture(scope="module")
