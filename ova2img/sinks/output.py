@@ -1,0 +1,311 @@
+"""Where a tarball goes: a file written atomically, optionally compressed, or stdout.
+
+:func:`open_output` hands out a write-only stream and decides, when the ``with`` block ends,
+whether what was written becomes the output:
+
+* a path is written under a temporary name in the same directory
+  (``.NAME.ova2img-XXXXXXXX.part``) and renamed over NAME only when the block ends without an
+  exception; on any exception (``KeyboardInterrupt`` included) the temporary file is removed,
+  so no partial output is ever left behind;
+* a name ending in ``.gz`` is gzip-compressed (RFC 1952) with MTIME 0, no FNAME and OS 255,
+  so the same tar gives the same bytes; ``.zst`` is Zstandard (the optional ``zstandard``
+  module); the compression trailer is written only on success;
+* ``-`` is stdout: nothing can be taken back, so on failure the stream is cut — no
+  end-of-archive blocks, no compression trailer, and :func:`~ova2img.sinks.tar.write_tar`
+  ends it inside a member (a bare cut at a member boundary is accepted silently by GNU tar,
+  CPython's tarfile and ``docker import``), so a reader such as ``docker import -`` fails
+  instead of importing a truncated tree.
+
+Write errors (``ENOSPC``, ``EPIPE``, …) become a one-line :class:`~ova2img.errors.SinkError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import os
+import secrets
+import select
+import stat
+import struct
+import sys
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO, Literal, Protocol, cast
+
+from ..errors import SinkError
+
+Compression = Literal["none", "gz", "zst"]
+
+#: gzip level: GNU gzip's default (9 costs twice the time for ~1 % on a rootfs).
+GZIP_LEVEL = 6
+#: zstd level: the zstd CLI's default.
+ZSTD_LEVEL = 3
+
+
+class _Codec(Protocol):
+    def compress(self, data: bytes | bytearray | memoryview) -> bytes: ...
+
+    def finish(self) -> bytes: ...
+
+
+class _Gzip:
+    """A gzip member written by hand, so every header byte is fixed (RFC 1952 §2.3):
+    no FNAME, MTIME 0, XFL 0, OS 255 (unknown) — as ``gzip -n`` does except for OS."""
+
+    HEADER = b"\x1f\x8b\x08\x00" + b"\x00\x00\x00\x00" + b"\x00\xff"
+
+    def __init__(self, level: int = GZIP_LEVEL) -> None:
+        self._z = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS, 9)
+        self._crc = 0
+        self._size = 0
+        self._started = False
+
+    def compress(self, data: bytes | bytearray | memoryview) -> bytes:
+        self._crc = zlib.crc32(data, self._crc)
+        self._size += len(data)
+        out = self._z.compress(data)
+        if not self._started:
+            self._started = True
+            return self.HEADER + out
+        return out
+
+    def finish(self) -> bytes:
+        head = b"" if self._started else self.HEADER
+        self._started = True
+        tail = struct.pack("<II", self._crc & 0xFFFFFFFF, self._size & 0xFFFFFFFF)
+        return head + self._z.flush() + tail
+
+
+class _Zstd:
+    """One Zstandard frame with a checksum (no content size: it is not known in advance)."""
+
+    def __init__(self, level: int = ZSTD_LEVEL) -> None:
+        try:
+            import zstandard
+        except ImportError as exc:
+            raise SinkError(
+                "cannot write .zst: the 'zstandard' module is not installed "
+                "(pip install 'ova2img[zstd]', or use .gz)"
+            ) from exc
+        cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
+        self._z = cctx.compressobj()
+
+    def compress(self, data: bytes | bytearray | memoryview) -> bytes:
+        return bytes(self._z.compress(bytes(data)))
+
+    def finish(self) -> bytes:
+        return bytes(self._z.flush())
+
+
+class OutputStream(io.RawIOBase):
+    """The write-only stream :func:`open_output` yields.
+
+    It compresses (if asked) and writes to the underlying file; write errors become
+    :class:`SinkError`. ``close`` only stops further writes: committing or discarding is the
+    context manager's job.
+    """
+
+    def __init__(self, raw: BinaryIO, label: str, codec: _Codec | None) -> None:
+        super().__init__()
+        self._raw = raw
+        self._codec = codec
+        self.name = label
+        #: bytes handed to :meth:`write` (before compression)
+        self.bytes_in = 0
+        #: bytes written to the file or stdout (after compression)
+        self.bytes_out = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
+        if self.closed:
+            raise ValueError("write to a closed output")
+        n = len(data)
+        self.bytes_in += n
+        self._put(self._codec.compress(data) if self._codec is not None else data)
+        return n
+
+    def _put(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        try:
+            write_all(self._raw, data)
+        except OSError as exc:
+            raise write_error(self.name, exc) from exc
+        self.bytes_out += len(data)
+
+    def _commit(self) -> None:
+        """Write the compression trailer and flush (success only)."""
+        if self._codec is not None:
+            self._put(self._codec.finish())
+        try:
+            self._raw.flush()
+        except OSError as exc:
+            raise write_error(self.name, exc) from exc
+
+
+def write_all(raw: BinaryIO, data: bytes | bytearray | memoryview) -> None:
+    """Write all of *data*: an unbuffered stream (``sys.stdout.buffer`` is a raw ``FileIO``
+    under ``python -u``/``PYTHONUNBUFFERED``) returns short counts on pipes, and ``None`` when
+    it is non-blocking and full."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = raw.write(view)
+        if n is None:  # non-blocking file descriptor: wait until it can take more
+            select.select([], [raw.fileno()], [])
+            continue
+        if n >= len(view):
+            return
+        view = view[n:]
+
+
+def write_error(label: str, exc: OSError) -> SinkError:
+    """The one-line error for a failed write to *label* (EPIPE and ENOSPC in plain words)."""
+    if exc.errno == errno.EPIPE:
+        return SinkError(f"cannot write {label}: the reader went away (broken pipe)")
+    if exc.errno == errno.ENOSPC:
+        return SinkError(f"cannot write {label}: no space left on the device")
+    return SinkError(f"cannot write {label}: {exc.strerror or exc}")
+
+
+def compression_for(path: str) -> Compression:
+    """The compression a name asks for: ``.gz`` → gzip, ``.zst`` → zstd, else none."""
+    if path.endswith(".gz"):
+        return "gz"
+    if path.endswith(".zst"):
+        return "zst"
+    return "none"
+
+
+def _codec(kind: Compression) -> _Codec | None:
+    if kind == "gz":
+        return _Gzip()
+    if kind == "zst":
+        return _Zstd()
+    return None
+
+
+@contextlib.contextmanager
+def open_output(
+    path: str,
+    *,
+    compression: Compression | None = None,
+    stdout: BinaryIO | None = None,
+) -> Iterator[BinaryIO]:
+    """Open *path* (or ``-``, stdout) for writing a tarball; commit only on success.
+
+    Args:
+        path: the output file, or ``-`` for stdout.
+        compression: ``"gz"``, ``"zst"`` or ``"none"``; default: from the name's suffix
+            (stdout: none).
+        stdout: the stream ``-`` stands for (default ``sys.stdout.buffer``).
+
+    Yields:
+        A write-only binary stream.
+
+    Raises:
+        SinkError: the path is a directory or not a regular file, its directory is not
+            writable, a write failed, or ``.zst`` was asked without ``zstandard``.
+    """
+    kind: Compression = compression or (compression_for(path) if path != "-" else "none")
+    if path == "-":
+        with _open_stdout(stdout, kind) as stream:
+            yield stream
+        return
+    with _open_file(path, kind) as stream:
+        yield stream
+
+
+@contextlib.contextmanager
+def _open_stdout(stdout: BinaryIO | None, kind: Compression) -> Iterator[BinaryIO]:
+    raw = stdout if stdout is not None else sys.stdout.buffer
+    stream = OutputStream(raw, "stdout", _codec(kind))
+    try:
+        yield cast(BinaryIO, stream)  # a RawIOBase that does BinaryIO's write
+        stream._commit()
+    except SinkError as exc:
+        if stdout is None and isinstance(exc.__cause__, BrokenPipeError):
+            # The reader is gone: point fd 1 at /dev/null so the interpreter's final flush
+            # of sys.stdout does not print a second BrokenPipeError (Python docs, "Note on
+            # SIGPIPE").
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        raise
+    finally:
+        # On failure the stream is cut here: no trailer, no end-of-archive blocks.
+        stream.close()
+
+
+@contextlib.contextmanager
+def _open_file(path: str, kind: Compression) -> Iterator[BinaryIO]:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise SinkError(f"cannot use {path} as output: {exc.strerror}") from exc
+    else:
+        # Replace only a regular file: never a directory, nor what a symlink, a device or a
+        # FIFO leads to (as root, renaming over /dev/null would be a disaster).
+        if stat.S_ISDIR(st.st_mode):
+            raise SinkError(f"cannot write {path}: it is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise SinkError(
+                f"cannot write {path}: it exists and is not a regular file "
+                "(use '-o -' to write to a pipe or device)"
+            )
+    target = Path(path).absolute()
+    codec = _codec(kind)  # before creating anything: a missing zstandard fails cleanly
+    fd, tmp = _create_temp(target.parent, target.name)
+    raw = os.fdopen(fd, "wb", buffering=0)
+    stream = OutputStream(raw, path, codec)
+    committed = False
+    try:
+        yield cast(BinaryIO, stream)
+        stream._commit()
+        try:
+            os.fsync(raw.fileno())
+        except OSError as exc:
+            raise write_error(path, exc) from exc
+        raw.close()
+        try:
+            tmp.replace(target)
+        except OSError as exc:
+            raise SinkError(f"cannot rename {tmp} to {path}: {exc.strerror}") from exc
+        committed = True
+    finally:
+        stream.close()
+        raw.close()
+        if not committed:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+
+def _create_temp(directory: Path, base: str) -> tuple[int, Path]:
+    """Create ``.BASE.ova2img-XXXXXXXX.part`` in *directory*, exclusively; mode 0666 minus
+    the umask, like any new file (``mkstemp`` would make it 0600)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(100):
+        tmp = directory / f".{base}.ova2img-{secrets.token_hex(4)}.part"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise SinkError(f"cannot create a file in {directory}: {exc.strerror}") from exc
+    raise SinkError(f"cannot create a temporary file in {directory}")  # pragma: no cover
+
+
+__all__ = [
+    "Compression",
+    "OutputStream",
+    "compression_for",
+    "open_output",
+    "write_all",
+    "write_error",
+]
