@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .assembly import GuestFilesystem, TreeItem, apply_fstab, choose_root, walk_tree
+from .assembly import GuestFilesystem, Mount, TreeItem, apply_fstab, choose_root, walk_tree
 from .disks import VirtualDisk, open_disk
 from .errors import Ova2imgError, UnsupportedError
 from .filesystems import open_filesystem, probe
@@ -59,7 +59,7 @@ class Guest:
     filesystems: list[GuestFilesystem]
     skipped: list[SkippedVolume]
     root: GuestFilesystem
-    mounts: dict[bytes, GuestFilesystem] = field(default_factory=dict)
+    mounts: dict[bytes, Mount] = field(default_factory=dict)
 
     def walk(self, *, exclude: Iterable[str] = ()) -> Iterator[TreeItem]:
         """Every path of the assembled guest tree, depth-first, sorted, root first.
@@ -69,7 +69,7 @@ class Guest:
         """
         return walk_tree(self.mounts, exclude=exclude)
 
-    def mount_for(self, path: bytes) -> tuple[GuestFilesystem, bytes]:
+    def mount_for(self, path: bytes) -> tuple[Mount, bytes]:
         """The filesystem that holds *path* in the assembled tree and the path inside it."""
         norm = b"/" + b"/".join(p for p in path.split(b"/") if p and p != b".")
         best = b"/"
@@ -116,9 +116,9 @@ class Guest:
                         "type": g.fs.fstype,
                         "uuid": g.fs.uuid,
                         "label": g.fs.label,
-                        "mountpoint": g.mountpoint.decode("utf-8", "surrogateescape")
-                        if g.mountpoint is not None
-                        else None,
+                        "mountpoints": [
+                            mp.decode("utf-8", "surrogateescape") for mp in g.mountpoints
+                        ],
                     }
                 if id(v) in skipped:
                     entry["skipped"] = skipped[id(v)]
@@ -141,10 +141,15 @@ class Guest:
             },
             "disks": disks,
             "root": self.root.volume.name,
-            "mounts": {
-                mp.decode("utf-8", "surrogateescape"): g.volume.name
-                for mp, g in sorted(self.mounts.items())
-            },
+            "mounts": [
+                {
+                    "path": mp.decode("utf-8", "surrogateescape"),
+                    "volume": m.name,
+                    "fstype": m.fs.fstype,
+                    "options": list(m.options),
+                }
+                for mp, m in sorted(self.mounts.items())
+            ],
         }
 
     def close(self) -> None:
@@ -215,14 +220,20 @@ def open(
             except UnsupportedError as exc:
                 skipped.append(SkippedVolume(volume, str(exc)))
                 continue
-            filesystems.append(GuestFilesystem(volume, fs, len(filesystems)))
+            filesystems.append(GuestFilesystem(volume, fs))
         if not filesystems and skipped:
             # Nothing readable at all: the first refusal is the answer.
             raise UnsupportedError(skipped[0].reason.removeprefix("unsupported: "))
-        chosen = choose_root(filesystems, root)
+        chosen, view = choose_root(filesystems, root)
         for s in skipped:
             log.warning("%s", s.reason)
-        mounts = apply_fstab(chosen, filesystems, use_fstab=use_fstab)
+        mounts = apply_fstab(
+            chosen,
+            view,
+            filesystems,
+            use_fstab=use_fstab,
+            unreadable=[f"{s.volume.name} ({s.volume.content})" for s in skipped],
+        )
         return Guest(src, disks, volumes, filesystems, skipped, chosen, mounts)
     except BaseException:
         src.close()

@@ -4,10 +4,16 @@ tree the guest would see, in a deterministic order.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import fnmatch
+import logging
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from .filesystems.base import DataRun, Entry, Filesystem
+from .errors import AssemblyError, FilesystemError, Ova2imgError
+from .filesystems.base import DataRun, Entry, EntryType, Filesystem
+from .volumes.base import Volume
 
 
 @dataclass(slots=True)
@@ -42,3 +48,476 @@ class TreeItem:
     def link_key(self) -> tuple[int, int]:
         """Hardlink identity: the same key means the same inode."""
         return (self.fs_id, self.entry.inode)
+
+
+# --------------------------------------------------------------------------------------------
+# The guest's filesystems, the root, and /etc/fstab
+# --------------------------------------------------------------------------------------------
+
+log = logging.getLogger("ova2img.assembly")
+
+#: fstab types that are not disk filesystems (pseudo, network, or in-memory): never mounted
+#: from the image (they hold nothing on disk), and their mount points stay as on the root.
+PSEUDO_FSTYPES = frozenset(
+    {
+        "proc",
+        "sysfs",
+        "devpts",
+        "devtmpfs",
+        "tmpfs",
+        "ramfs",
+        "cgroup",
+        "cgroup2",
+        "securityfs",
+        "debugfs",
+        "tracefs",
+        "pstore",
+        "efivarfs",
+        "mqueue",
+        "hugetlbfs",
+        "configfs",
+        "fusectl",
+        "binfmt_misc",
+        "autofs",
+        "rpc_pipefs",
+        "nfsd",
+        "bpf",
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smbfs",
+        "smb3",
+        "sshfs",
+        "fuse.sshfs",
+        "glusterfs",
+        "ceph",
+        "9p",
+        "virtiofs",
+        "vboxsf",
+        "vmhgfs",
+        "fuse.vmhgfs-fuse",
+        "iso9660",
+        "udf",
+        "none",
+        "usbfs",
+        "selinuxfs",
+        "davfs",
+        "fuse",
+        "overlay",
+        "squashfs",
+    }
+)
+
+
+@dataclass
+class GuestFilesystem:
+    """A filesystem found on one of the guest's volumes (its default mount view).
+
+    Attributes:
+        volume: where it lives.
+        fs: the opened filesystem.
+        mountpoints: where the assembled tree shows it (``b"/"`` for the root); empty when
+            fstab does not mount it.
+    """
+
+    volume: Volume
+    fs: Filesystem
+    mountpoints: list[bytes] = field(default_factory=list)
+
+
+@dataclass
+class Mount:
+    """One mount of the assembled tree.
+
+    Attributes:
+        path: the mount point, absolute (``b"/"``, ``b"/boot"``).
+        guest_fs: the filesystem mounted there.
+        fs: the view the mount shows (a btrfs subvolume, vfat with its uid/umask options, or
+            the filesystem itself).
+        fs_id: this mount's number; hardlink identity is ``(fs_id, inode)``.
+        options: the fstab options it was mounted with.
+    """
+
+    path: bytes
+    guest_fs: GuestFilesystem
+    fs: Filesystem
+    fs_id: int
+    options: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.guest_fs.volume.name
+
+
+@dataclass(frozen=True)
+class FstabEntry:
+    """One line of ``/etc/fstab``."""
+
+    lineno: int
+    spec: str
+    mountpoint: bytes
+    fstype: str
+    options: tuple[str, ...]
+    line: str
+
+    @property
+    def nofail(self) -> bool:
+        return "nofail" in self.options
+
+
+def _unescape_fstab(field_text: str) -> str:
+    # fstab(5): spaces and tabs in fields are written as octal escapes (\040, \011).
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field_text)
+
+
+def parse_fstab(text: bytes) -> list[FstabEntry]:
+    """Parse ``/etc/fstab`` (fstab(5)): comments and blank lines skipped, octal escapes decoded.
+
+    Malformed lines (fewer than 2 fields) are skipped with a warning, as ``mount -a`` does.
+    """
+    entries: list[FstabEntry] = []
+    for lineno, raw in enumerate(text.decode("utf-8", "surrogateescape").splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = line.split()
+        if len(fields) < 2:
+            log.warning("/etc/fstab line %d is malformed, ignored: %s", lineno, line)
+            continue
+        spec = _unescape_fstab(fields[0])
+        mountpoint = _unescape_fstab(fields[1])
+        fstype = fields[2] if len(fields) > 2 else "auto"
+        options = tuple(fields[3].split(",")) if len(fields) > 3 else ("defaults",)
+        entries.append(
+            FstabEntry(
+                lineno, spec, mountpoint.encode("utf-8", "surrogateescape"), fstype, options, line
+            )
+        )
+    return entries
+
+
+def _strip_quotes(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        return value[1:-1]
+    return value
+
+
+def match_spec(spec: str, candidates: list[GuestFilesystem]) -> list[GuestFilesystem]:
+    """Which filesystems a device spec names: ``UUID=``, ``LABEL=``, ``PARTUUID=``,
+    ``PARTLABEL=``, ``/dev/disk/by-*/…``, ``/dev/sdXN`` (and ``vd``/``hd``/``xvd``/``nvme``), or a
+    bare volume name (``sda1``)."""
+    spec = spec.strip()
+    key, _, value = spec.partition("=")
+    value = _strip_quotes(value)
+    by_link = re.fullmatch(r"/dev/disk/by-(uuid|label|partuuid|partlabel)/(.+)", spec)
+    if by_link:
+        key, value = by_link.group(1).upper(), _unescape_udev(by_link.group(2))
+    if key in ("UUID", "LABEL", "PARTUUID", "PARTLABEL") and (value or by_link):
+
+        def attr(g: GuestFilesystem) -> str | None:
+            return {
+                "UUID": g.fs.uuid,
+                "LABEL": g.fs.label,
+                "PARTUUID": g.volume.partuuid,
+                "PARTLABEL": g.volume.partlabel,
+            }[key]
+
+        if key in ("UUID", "PARTUUID"):
+            return [g for g in candidates if (attr(g) or "").lower() == value.lower()]
+        return [g for g in candidates if attr(g) == value]
+    name = spec.removeprefix("/dev/")
+    mapper = re.fullmatch(r"(?:/dev/mapper/|/dev/disk/by-id/dm-name-)(.+)", spec)
+    if mapper:
+        return [g for g in candidates if g.volume.extra.get("mapper") == mapper.group(1)]
+    dm_uuid = re.fullmatch(r"/dev/disk/by-id/dm-uuid-LVM-([0-9A-Za-z]{32})([0-9A-Za-z]{32})", spec)
+    if dm_uuid:
+        lv_uuid = dm_uuid.group(2)
+        return [
+            g for g in candidates if g.volume.extra.get("lv_uuid", "").replace("-", "") == lv_uuid
+        ]
+    # The guest may name its disks sdX, vdX, hdX or xvdX depending on the hypervisor's
+    # controller; they all mean "disk N in order" here.
+    m = re.fullmatch(r"(?:sd|vd|hd|xvd)([a-z]+)(\d*)", name)
+    if m:
+        disk_index = _letters_to_index(m.group(1))
+        number = int(m.group(2)) if m.group(2) else 0
+        return [
+            g for g in candidates if g.volume.disk_index == disk_index and g.volume.number == number
+        ]
+    m = re.fullmatch(r"nvme0n(\d+)(?:p(\d+))?", name)
+    if m:
+        return [
+            g
+            for g in candidates
+            if g.volume.disk_index == int(m.group(1)) - 1
+            and g.volume.number == int(m.group(2) or 0)
+        ]
+    return [g for g in candidates if g.volume.name == name]
+
+
+def _unescape_udev(text: str) -> str:
+    # udev escapes unsafe characters in by-label links as \xNN.
+    return re.sub(r"\\x([0-9a-fA-F]{2})", lambda m: chr(int(m.group(1), 16)), text)
+
+
+def _letters_to_index(letters: str) -> int:
+    index = 0
+    for ch in letters:
+        index = index * 26 + (ord(ch) - ord("a") + 1)
+    return index - 1
+
+
+def _normalise_mountpoint(mountpoint: bytes) -> bytes:
+    parts = [p for p in mountpoint.split(b"/") if p and p != b"."]
+    if b".." in parts:
+        raise AssemblyError(f"mount point {mountpoint!r} contains '..'")
+    return b"/" + b"/".join(parts)
+
+
+def _describe(g: GuestFilesystem) -> str:
+    bits = [g.volume.name, g.fs.fstype]
+    if g.fs.uuid:
+        bits.append(f"UUID={g.fs.uuid}")
+    if g.fs.label:
+        bits.append(f"LABEL={g.fs.label}")
+    return " ".join(bits)
+
+
+def _fstab_of(view: Filesystem) -> list[FstabEntry] | None:
+    try:
+        return parse_fstab(view.read_file(b"/etc/fstab"))
+    except (FileNotFoundError, Ova2imgError):
+        return None
+
+
+def choose_root(
+    filesystems: list[GuestFilesystem], root_spec: str | None = None
+) -> tuple[GuestFilesystem, Filesystem]:
+    """Pick the guest's root filesystem and the view of it that holds the root tree.
+
+    ``--root SPEC`` wins; with one filesystem it is the root; with several, the one whose
+    ``/etc/fstab`` names itself as ``/``. The view is the first of the filesystem's
+    :meth:`~Filesystem.root_candidates` that has an ``/etc/fstab`` (a btrfs subvolume such as
+    ``@``), else its default view.
+
+    Raises:
+        AssemblyError: no filesystem, an unmatched ``--root``, or an ambiguous choice.
+    """
+    if not filesystems:
+        raise AssemblyError("no Linux filesystem found on any disk")
+
+    def view_with_fstab(g: GuestFilesystem) -> tuple[Filesystem, list[FstabEntry]] | None:
+        for view in g.fs.root_candidates():
+            entries = _fstab_of(view)
+            if entries is not None:
+                return view, entries
+        return None
+
+    if root_spec:
+        found = match_spec(root_spec, filesystems)
+        if len(found) != 1:
+            have = "; ".join(_describe(g) for g in filesystems)
+            what = "matches no filesystem" if not found else "matches several filesystems"
+            raise AssemblyError(f"--root {root_spec} {what} (found: {have})")
+        hit = view_with_fstab(found[0])
+        return found[0], hit[0] if hit else found[0].fs
+    named_root: list[tuple[GuestFilesystem, Filesystem]] = []
+    with_fstab: list[tuple[GuestFilesystem, Filesystem]] = []
+    for g in filesystems:
+        hit = view_with_fstab(g)
+        if hit is None:
+            continue
+        view, entries = hit
+        with_fstab.append((g, view))
+        for e in entries:
+            if e.mountpoint.rstrip(b"/") == b"" and g in match_spec(e.spec, filesystems):
+                named_root.append((g, view))
+                break
+    if len(named_root) == 1:
+        return named_root[0]
+    if not named_root and len(with_fstab) == 1:
+        return with_fstab[0]
+    if len(filesystems) == 1 and not named_root:
+        return filesystems[0], with_fstab[0][1] if with_fstab else filesystems[0].fs
+    have = "; ".join(_describe(g) for g in filesystems)
+    raise AssemblyError(
+        f"cannot tell which filesystem is the root (found: {have}); pick one with --root SPEC"
+    )
+
+
+def _skipped_entry(e: FstabEntry) -> bool:
+    """fstab entries that mount nothing from the disks: swap, noauto, pseudo and network
+    filesystems, bind mounts."""
+    if e.fstype == "swap" or e.fstype in PSEUDO_FSTYPES:
+        return True
+    if {"noauto", "bind", "rbind"} & set(e.options):
+        return True
+    if not e.mountpoint.startswith(b"/"):
+        return True  # "none" mount points (swap written oddly) and the like
+    # network shares: server:/path, //server/share
+    return e.spec.startswith("//") or (":" in e.spec and not e.spec.startswith("/dev/"))
+
+
+def apply_fstab(
+    root: GuestFilesystem,
+    root_view: Filesystem,
+    filesystems: list[GuestFilesystem],
+    *,
+    use_fstab: bool = True,
+    unreadable: Iterable[str] = (),
+) -> dict[bytes, Mount]:
+    """Mount table of the assembled tree (``{b"/": …, b"/boot": …}``) from the root's fstab.
+
+    Swap, ``noauto``, pseudo and network filesystems and bind mounts are skipped; an entry that
+    names no filesystem on the disks is a warning with ``nofail`` and an error otherwise.
+
+    Args:
+        unreadable: names of volumes that hold something ova2img cannot read, for messages.
+    """
+    root.mountpoints = [b"/"]
+    mounts: dict[bytes, Mount] = {b"/": Mount(b"/", root, root_view, 0)}
+    entries = _fstab_of(root_view) if use_fstab else None
+    next_id = 0
+    for e in entries or []:
+        if _skipped_entry(e):
+            continue
+        mountpoint = _normalise_mountpoint(e.mountpoint)
+        found = match_spec(e.spec, filesystems)
+        if len(found) != 1:
+            problem = "names no filesystem on the disks" if not found else "is ambiguous"
+            msg = f"/etc/fstab line {e.lineno} ({e.line}) {problem}"
+            skipped = ", ".join(unreadable)
+            if skipped and not found:
+                msg += f" (volumes not read: {skipped})"
+            if e.nofail:
+                log.warning("%s; skipped (nofail)", msg)
+                continue
+            raise AssemblyError(f"{msg}; use --no-fstab or --root to override")
+        g = found[0]
+        if mountpoint == b"/":
+            if g is not root:
+                raise AssemblyError(
+                    f"/etc/fstab line {e.lineno} mounts {_describe(g)} as /, "
+                    f"but the root chosen is {_describe(root)}"
+                )
+            # The root's own options choose its view (btrfs subvol=@, …).
+            mounts[b"/"] = Mount(b"/", root, root.fs.mount(e.options), 0, e.options)
+            continue
+        if mountpoint in mounts:
+            # A later line over the same mount point hides the earlier mount, as mount -a does.
+            log.warning(
+                "/etc/fstab line %d mounts over %s a second time; the later mount is shown",
+                e.lineno,
+                mountpoint.decode(errors="replace"),
+            )
+        view = g.fs.mount(e.options)
+        g.mountpoints.append(mountpoint)
+        next_id += 1
+        mounts[mountpoint] = Mount(mountpoint, g, view, next_id, e.options)
+    return mounts
+
+
+# --------------------------------------------------------------------------------------------
+# The walk
+# --------------------------------------------------------------------------------------------
+
+#: deepest directory nesting we follow before calling the tree hostile
+MAX_DEPTH = 1024
+
+
+def _bad_name(name: bytes) -> bool:
+    return not name or name in (b".", b"..") or b"/" in name or b"\0" in name
+
+
+class Excluder:
+    """``--exclude GLOB`` as GNU tar applies it: a pattern without a leading ``/`` matches the
+    path or any trailing part of it after a ``/``; ``*`` also matches ``/``."""
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        self._anchored: list[re.Pattern[bytes]] = []
+        self._floating: list[re.Pattern[bytes]] = []
+        for p in patterns:
+            raw = p.encode("utf-8", "surrogateescape").rstrip(b"/")
+            if raw.startswith(b"./"):
+                raw = raw[2:]
+                target = self._anchored
+            elif raw.startswith(b"/"):
+                raw = raw.lstrip(b"/")
+                target = self._anchored
+            else:
+                target = self._floating
+            target.append(
+                re.compile(fnmatch.translate(raw.decode("latin-1")).encode("latin-1"), re.S)
+            )
+
+    def __bool__(self) -> bool:
+        return bool(self._anchored or self._floating)
+
+    def __call__(self, path: bytes) -> bool:
+        if any(r.match(path) for r in self._anchored):
+            return True
+        start = 0
+        while True:
+            if any(r.match(path, start) for r in self._floating):
+                return True
+            start = path.find(b"/", start) + 1
+            if start == 0:
+                return False
+
+
+def walk_tree(mounts: dict[bytes, Mount], *, exclude: Iterable[str] = ()) -> Iterator[TreeItem]:
+    """Walk the assembled tree depth-first, children sorted by name (bytes), deterministically.
+
+    A mount-point directory shows the mounted filesystem's root (its metadata and its
+    children), hiding what the lower filesystem has there, as a real mount does.
+
+    Raises:
+        FilesystemError: an invalid name in a directory, a directory loop, absurd nesting.
+    """
+    excluded = Excluder(exclude)
+    by_path = {mp.strip(b"/"): g for mp, g in mounts.items()}
+    root_g = by_path[b""]
+    # Explicit stack of (path, filesystem, handle, depth): children are pushed sorted in
+    # reverse so they pop in order. ``branch[d]`` is the identity of the directory at depth d
+    # on the current path, to detect a directory that contains itself.
+    stack: list[tuple[bytes, Mount, object, int]] = [(b"", root_g, root_g.fs.root(), 0)]
+    branch: list[tuple[int, int]] = []
+    while stack:
+        path, g, handle, depth = stack.pop()
+        if path and excluded(path):
+            continue
+        mounted = by_path.get(path)
+        if mounted is not None and mounted is not g:
+            g, handle = mounted, mounted.fs.root()
+        entry = g.fs.stat(handle)
+        yield TreeItem(path, entry, g.fs, g.fs_id, handle)
+        if entry.type is not EntryType.DIR:
+            continue
+        if depth >= MAX_DEPTH:
+            raise FilesystemError(f"directory nesting deeper than {MAX_DEPTH} at /{path!r}")
+        del branch[depth:]
+        key = (g.fs_id, entry.inode)
+        if key in branch:
+            raise FilesystemError(
+                f"directory loop: /{path.decode(errors='replace')} is its own ancestor "
+                f"(inode {entry.inode} on {g.name})"
+            )
+        branch.append(key)
+        children: dict[bytes, object] = {}
+        for name, child in g.fs.iterdir(handle):
+            if _bad_name(name):
+                raise FilesystemError(
+                    f"directory /{path.decode(errors='replace')} (inode {entry.inode} on "
+                    f"{g.name}) has an invalid entry name {name!r}"
+                )
+            if name in children:
+                log.warning(
+                    "directory /%s lists %r twice; the first is kept",
+                    path.decode(errors="replace"),
+                    name,
+                )
+                continue
+            children[name] = child
+        prefix = path + b"/" if path else b""
+        for name in sorted(children, reverse=True):
+            stack.append((prefix + name, g, children[name], depth + 1))

@@ -87,7 +87,7 @@ class UnsupportedError(Ova2imgError):
     layer = "unsupported"
 
 
-class Interrupted(Ova2imgError):
+class InterruptError(Ova2imgError):
     """The conversion was interrupted by SIGINT or SIGTERM (CLI exit code 130)."""
 
     exit_code = 130

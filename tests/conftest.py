@@ -8,8 +8,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 
+import docker
 import pytest
+
+# tests/ holds shared helpers (engine.py, support/): importable from any test module.
+sys.path.insert(0, str(Path(__file__).parent))
 
 NO_SKIP = os.environ.get("OVA2IMG_NO_SKIP") == "1"
 
@@ -33,3 +40,25 @@ def require_root() -> None:
     """Skip (fatal in CI) unless we are root with loop devices (to build references)."""
     if not have_root():
         pytest.skip("needs root and loop devices to build a reference")
+
+
+@pytest.fixture(scope="session")
+def docker_host() -> Iterator[str]:
+    """``DOCKER_HOST`` of a real engine (started for the session when none answers)."""
+    from engine import docker_engine
+
+    try:
+        with docker_engine() as url:
+            yield url
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def docker_client(docker_host: str) -> Iterator[docker.DockerClient]:
+    """A docker SDK client on the test engine."""
+    client = docker.DockerClient(base_url=docker_host, timeout=300)
+    try:
+        yield client
+    finally:
+        client.close()

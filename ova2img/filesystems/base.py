@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import stat
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -121,6 +121,22 @@ class Filesystem(ABC):
         when the adapter cannot tell (the file is then treated as fully dense)."""
         return None
 
+    def mount(self, options: Sequence[str]) -> Filesystem:
+        """The view a mount with these fstab options shows (``subvol=``/``subvolid=`` for btrfs,
+        ``uid=``/``gid=``/``umask=``/``fmask=``/``dmask=`` for vfat, …); the default is the
+        filesystem itself. A view is a :class:`Filesystem` whose inode numbers are unique within
+        it (hardlink identity).
+
+        Raises:
+            FilesystemError: an option names something the filesystem does not have.
+        """
+        return self
+
+    def root_candidates(self) -> Iterator[Filesystem]:
+        """Views that might be the guest's root, best first: the default mount view, then
+        (btrfs) each subvolume, so the assembly can find the one holding ``/etc/fstab``."""
+        yield self
+
     def lookup(self, path: bytes, *, follow: bool = True) -> object:
         """Resolve an absolute path inside this filesystem to a handle.
 
@@ -157,10 +173,8 @@ def _lookup(fs: Filesystem, path: bytes, *, follow: bool) -> object:
         current = stack[-1]
         if fs.stat(current).type is not EntryType.DIR:
             raise FileNotFoundError(path.decode(errors="replace"))
-        for child_name, child in fs.iterdir(current):
-            if child_name == name:
-                break
-        else:
+        child = next((h for n, h in fs.iterdir(current) if n == name), None)
+        if child is None:
             raise FileNotFoundError(path.decode(errors="replace"))
         entry = fs.stat(child)
         if entry.type is EntryType.SYMLINK and (parts or follow):

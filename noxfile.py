@@ -1,0 +1,38 @@
+"""Developer sessions: ``nox -s tests lint typecheck docs bench fuzz``."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+PYTHON = "3.11"
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """The whole test suite (root and a Docker engine make it complete; see README)."""
+    session.install("-e", ".[test,zstd]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff, lint and format check."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", "ova2img", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "format", "--check", "ova2img")
+
+
+@nox.session(python=PYTHON)
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict over the package."""
+    session.install("-e", ".", "mypy>=1.10", "types-docker")
+    session.run("mypy")
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Benchmarks: ova2img against the root pipeline (run as root for the comparison)."""
+    session.install("-e", ".[zstd]")
+    session.run("python", "benchmarks/run.py", *session.posargs)

@@ -1,0 +1,42 @@
+"""ova2img: turn VM images (OVA, VMDK, …) into faithful container rootfs tarballs, in pure
+Python, without root, loop devices or mounts.
+
+The public API is :func:`open` (explore an image) and :func:`convert` (write a ``docker
+import`` tarball); every error is an :class:`Ova2imgError`.
+"""
+
+from __future__ import annotations
+
+from ._version import __version__
+from .api import ConversionResult, Guest, SkippedVolume, convert, open
+from .errors import (
+    AssemblyError,
+    DiskError,
+    FilesystemError,
+    InterruptError,
+    Ova2imgError,
+    SinkError,
+    SourceError,
+    UnsupportedError,
+    UsageError,
+    VolumeError,
+)
+
+__all__ = [
+    "AssemblyError",
+    "ConversionResult",
+    "DiskError",
+    "FilesystemError",
+    "Guest",
+    "InterruptError",
+    "Ova2imgError",
+    "SinkError",
+    "SkippedVolume",
+    "SourceError",
+    "UnsupportedError",
+    "UsageError",
+    "VolumeError",
+    "__version__",
+    "convert",
+    "open",
+]

@@ -1,0 +1,304 @@
+"""The ``ova2img`` command line: thin argument parsing over the public API.
+
+``main(argv) -> int`` is importable and tested in-process. Every :class:`Ova2imgError` becomes
+one line on stderr and the exit code of the contract (``../shared/design/architecture.md``):
+0 done, 1 failed, 2 usage error, 3 ``verify`` found differences, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import Any, NoReturn, TextIO
+
+from . import api
+from ._version import __version__
+from .errors import Ova2imgError
+
+log = logging.getLogger("ova2img")
+
+EPILOG_MAIN = """\
+examples:
+  ova2img convert appliance.ova -o rootfs.tar          # a `docker import` tarball
+  ova2img convert appliance.ova -o rootfs.tar.gz       # gzip'd (.zst: zstandard)
+  ova2img convert disk.vmdk -o - | docker import - myimage:1.0
+  ova2img inspect appliance.ova                        # disks, partitions, filesystems
+  ova2img inspect appliance.ova --json
+
+exit codes: 0 done · 1 conversion failed (one line on stderr says what and where) ·
+            2 usage error · 130 interrupted (no partial output is left)
+"""
+
+EPILOG_CONVERT = """\
+SOURCE is an .ova (read in place, never extracted), an .ovf with its files beside it, or
+one or several bare disk images (.vmdk of any subformat, raw) of one guest, in disk order.
+Formats are detected by content. The guest's root filesystem is found (the one whose
+/etc/fstab names it as /), the other filesystems its fstab lists are mounted where it says,
+and every file is streamed into a PAX tarball with owners, modes, times (ns), xattrs, ACLs,
+file capabilities, hardlinks, devices and sparse files kept.
+
+examples:
+  ova2img convert vm.ova -o rootfs.tar
+  ova2img convert vm.ova -o rootfs.tar.zst --exclude '/var/cache/apt/*' --exclude '*.pyc'
+  ova2img convert disk1.vmdk disk2.vmdk --root UUID=0a1b… -o rootfs.tar
+  ova2img convert vm.ova -o - | docker import - vm:1.0
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: usage error: {message}\n(see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``ova2img`` command."""
+    parser = _Parser(
+        prog="ova2img",
+        description="Turn a VM image (OVA, OVF, VMDK, raw) into a faithful container rootfs "
+        "tarball, in pure Python, without root, loop devices or mounts.",
+        epilog=EPILOG_MAIN,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"ova2img {__version__}")
+    common = _Parser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="say more about each step")
+    common.add_argument(
+        "--debug", action="store_true", help="debug logging, and a traceback on errors"
+    )
+    common.add_argument(
+        "--root",
+        metavar="SPEC",
+        help="the root filesystem, when the guest's fstab cannot tell: UUID=…, LABEL=…, "
+        "PARTUUID=…, or a volume name such as sda2",
+    )
+    common.add_argument(
+        "--no-fstab",
+        action="store_true",
+        help="do not mount what the guest's /etc/fstab lists; the root filesystem only",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    conv = sub.add_parser(
+        "convert",
+        parents=[common],
+        help="write the guest's tree as a docker-import tarball",
+        description="Convert a VM image into a `docker import` rootfs tarball.",
+        epilog=EPILOG_CONVERT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    conv.add_argument("sources", nargs="+", metavar="SOURCE", help="the VM image (see below)")
+    conv.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUTPUT",
+        help="the tarball to write, or - for stdout; a name ending in .gz or .zst is "
+        "compressed. Written under a temporary name and renamed when complete.",
+    )
+    conv.add_argument(
+        "--format",
+        choices=["rootfs"],
+        default="rootfs",
+        help="what to write: rootfs = a `docker import` tarball (default)",
+    )
+    conv.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="leave out guest paths matching GLOB, as `tar --exclude` does (a pattern with a "
+        "leading / is anchored at the guest root; '*' matches '/' too). Repeatable.",
+    )
+    prog = conv.add_mutually_exclusive_group()
+    prog.add_argument(
+        "--progress", action="store_true", help="show progress even when stderr is no terminal"
+    )
+    prog.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+
+    insp = sub.add_parser(
+        "inspect",
+        parents=[common],
+        help="show disks, partitions, filesystems and mounts",
+        description="Show what a VM image holds: its disks, their partitions, the filesystems "
+        "on them, and where the guest's fstab mounts each.",
+    )
+    insp.add_argument("sources", nargs="+", metavar="SOURCE", help="the VM image")
+    insp.add_argument("--json", action="store_true", help="machine-readable output (schema 1)")
+    return parser
+
+
+class _OneLineFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        level = "warning" if record.levelno >= logging.WARNING else record.levelname.lower()
+        text = record.getMessage().replace("\n", " ")
+        return f"ova2img: {level}: {text}" if record.levelno != logging.INFO else f"ova2img: {text}"
+
+
+def _setup_logging(args: argparse.Namespace, stream: TextIO) -> logging.Handler:
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(_OneLineFormatter())
+    level = logging.WARNING
+    if getattr(args, "quiet", False):
+        level = logging.ERROR
+    if args.verbose:
+        level = logging.INFO
+    if args.debug:
+        level = logging.DEBUG
+    log.addHandler(handler)
+    log.setLevel(level)
+    return handler
+
+
+class _Progress:
+    """A one-line progress display on a terminal: bytes written, rate, elapsed time."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.start = time.monotonic()
+        self.last = 0.0
+        self.shown = False
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if now - self.last < 0.2:
+            return
+        self.last = now
+        elapsed = max(now - self.start, 1e-6)
+        self.stream.write(
+            f"\r\x1b[Kwriting: {done / 1e6:,.1f} MB of file data, "
+            f"{done / elapsed / 1e6:,.1f} MB/s, {elapsed:,.0f} s"
+        )
+        self.stream.flush()
+        self.shown = True
+
+    def close(self) -> None:
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
+def _cmd_convert(args: argparse.Namespace, stderr: TextIO) -> int:
+    progress: _Progress | None = None
+    if not args.quiet and (args.progress or stderr.isatty()):
+        progress = _Progress(stderr)
+    try:
+        result = api.convert(
+            args.sources,
+            args.output,
+            exclude=args.exclude,
+            root=args.root,
+            use_fstab=not args.no_fstab,
+            on_progress=progress,
+        )
+    finally:
+        if progress is not None:
+            progress.close()
+    if not args.quiet:
+        where = "stdout" if args.output == "-" else args.output
+        log.info(
+            "wrote %s: %d entries, %.1f MB of file data, %d warning(s)",
+            where,
+            result.entries,
+            result.data_bytes / 1e6,
+            len(result.warnings),
+        )
+    return 0
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def _print_inspect(info: dict[str, Any], out: TextIO) -> None:
+    src = info["source"]
+    out.write(f"{src['name']} ({src['kind']})\n")
+    for key, value in src["product"].items():
+        out.write(f"  {key}: {value}\n")
+    for disk in info["disks"]:
+        sub = f" {disk['subformat']}" if disk["subformat"] else ""
+        out.write(f"└─ disk {disk['name']}: {disk['format']}{sub}, {_human(disk['size'])}\n")
+        for vol in disk["volumes"]:
+            line = f"   ├─ {vol['name']}"
+            if vol["scheme"] != "none":
+                line += f" ({vol['scheme']} {vol['type']})"
+            line += f" {_human(vol['size'])}: {vol['content']}"
+            fs = vol.get("filesystem")
+            if fs:
+                if fs["uuid"]:
+                    line += f" UUID={fs['uuid']}"
+                if fs["label"]:
+                    line += f" LABEL={fs['label']}"
+                if fs["mountpoints"]:
+                    line += f" → mounted at {', '.join(fs['mountpoints'])}"
+            if "skipped" in vol:
+                line += f" (skipped: {vol['skipped']})"
+            out.write(line + "\n")
+    out.write(f"root: {info['root']}\n")
+    for m in info["mounts"]:
+        opts = f" ({','.join(m['options'])})" if m["options"] else ""
+        out.write(f"  {m['path']:<20} {m['volume']} {m['fstype']}{opts}\n")
+
+
+def _cmd_inspect(args: argparse.Namespace, stdout: TextIO) -> int:
+    with api.open(args.sources, root=args.root, use_fstab=not args.no_fstab) as guest:
+        info = guest.inspect()
+    if args.json:
+        json.dump(info, stdout, indent=2)
+        stdout.write("\n")
+    else:
+        _print_inspect(info, stdout)
+    return 0
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``ova2img`` command with *argv* (default: ``sys.argv[1:]``); return its exit code."""
+    stdout, stderr = sys.stdout, sys.stderr
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help, --version (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else 2
+    if args.command is None:
+        parser.print_help(stderr)
+        return 2
+    handler = _setup_logging(args, stderr)
+    previous: Callable[..., Any] | int | None = None
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    except ValueError:  # not in the main thread (an embedding program): leave signals alone
+        previous = None
+    try:
+        if args.command == "convert":
+            return _cmd_convert(args, stderr)
+        return _cmd_inspect(args, stdout)
+    except Ova2imgError as exc:
+        if args.debug:
+            traceback.print_exc(file=stderr)
+        stderr.write(f"ova2img: error: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        stderr.write("ova2img: interrupted; no output was left behind\n")
+        return 130
+    except BrokenPipeError:
+        stderr.write("ova2img: error: output: the reader closed the pipe\n")
+        return 1
+    finally:
+        log.removeHandler(handler)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,89 @@
+"""A real Docker engine for the tests: the one at DOCKER_HOST if it answers, else a private
+``dockerd`` started here (root, vfs storage, no iptables, no bridge) and stopped at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import docker
+
+
+def _answers(base_url: str) -> bool:
+    try:
+        client = docker.DockerClient(base_url=base_url, timeout=5)
+    except docker.errors.DockerException:
+        return False
+    try:
+        return bool(client.ping())
+    except Exception:  # noqa: BLE001 - any failure means "no engine there"
+        return False
+    finally:
+        client.close()
+
+
+@contextlib.contextmanager
+def docker_engine() -> Iterator[str]:
+    """Yield the ``DOCKER_HOST`` URL of a working engine; start one if none answers.
+
+    Raises:
+        RuntimeError: dockerd is not installed, not root, or did not come up in 60 s.
+    """
+    existing = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    if _answers(existing):
+        yield existing
+        return
+    dockerd = shutil.which("dockerd")
+    if dockerd is None or os.geteuid() != 0:
+        raise RuntimeError("no Docker engine answers and dockerd cannot be started (needs root)")
+    # Unix socket paths are limited to 108 bytes: keep the directory short.
+    top = Path(tempfile.mkdtemp(prefix="o2id-", dir="/tmp"))
+    sock = top / "d.sock"
+    url = f"unix://{sock}"
+    log = (top / "dockerd.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            dockerd,
+            "--storage-driver", "vfs",
+            "--iptables=false",
+            "--ip6tables=false",
+            "--bridge=none",
+            "-H", url,
+            "--data-root", str(top / "data"),
+            "--exec-root", str(top / "x"),
+            "--pidfile", str(top / "d.pid"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _answers(url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = (top / "dockerd.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"dockerd did not come up: {tail}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        # vfs layers are plain directories, but dockerd may leave mounts (netns, shm) behind.
+        subprocess.run(["umount", "-R", "-l", str(top / "data")], check=False,
+                       stderr=subprocess.DEVNULL)
+        subprocess.run(["umount", "-R", "-l", str(top / "x")], check=False,
+                       stderr=subprocess.DEVNULL)
+        shutil.rmtree(top, ignore_errors=True)
