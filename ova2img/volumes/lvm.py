@@ -107,7 +107,7 @@ class _Piece:
         self.stripe_bytes = stripe_bytes  # chunk size; 0 for a single (linear) stripe
 
 
-class LogicalVolumeStream(AlignedStream):
+class LogicalVolumeStream(AlignedStream):  # type: ignore[misc]  # dissect is untyped
     """The bytes of an LV: its segments mapped onto PV extents, stripes interleaved as the
     kernel's dm-stripe target does (chunk *i* of a segment lives on stripe ``i % n``, at row
     ``i // n``)."""
