@@ -14,7 +14,7 @@ class VirtualDisk:
 
     Attributes:
         name: the disk file's name in the source.
-        format: ``vmdk`` or ``raw`` (later: qcow2, vhd, vhdx, vdi).
+        format: ``vmdk``, ``qcow2``, ``vhd``, ``vhdx``, ``vdi`` or ``raw``.
         subformat: e.g. ``streamOptimized``, ``monolithicSparse``, ``monolithicFlat``,
             ``twoGbMaxExtentSparse``; empty when the format has none.
         size: virtual size in bytes.

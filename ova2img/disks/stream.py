@@ -116,3 +116,63 @@ class RawStream(DiskStream):
     def _pread(self, offset: int, length: int) -> bytes:
         self._fh.seek(offset)
         return self._fh.read(length)
+
+
+class ForeignStream(DiskStream):
+    """A dissect stream (``seek``/``read``) behind our clamped, error-wrapping interface."""
+
+    def __init__(self, inner: BinaryIO, size: int, label: str) -> None:
+        super().__init__(size, label)
+        self._inner = inner
+
+    def _pread(self, offset: int, length: int) -> bytes:
+        self._inner.seek(offset)
+        return self._inner.read(length)
+
+
+class BackingView(io.RawIOBase):
+    """A backing (parent) disk seen by a child of ``size`` bytes: zeros past the parent's end.
+
+    qemu reads the part of an overlay that lies beyond a shorter backing file as zeros
+    (``block/io.c``, ``bdrv_co_preadv_part`` on a short backing node); dissect would return a
+    short read there.
+    """
+
+    def __init__(self, parent: DiskStream, size: int) -> None:
+        super().__init__()
+        self.parent = parent
+        self.size = size
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            size = self.size - self._pos
+        size = max(0, min(size, self.size - self._pos))
+        data = self.parent.pread(self._pos, size)
+        if len(data) < size:
+            data += bytes(size - len(data))
+        self._pos += size
+        return data
+
+    def read_sectors(self, sector: int, count: int) -> bytes:
+        """Sector interface (what a VHDX/VMDK child calls on its parent)."""
+        self.seek(sector * 512)
+        return self.read(count * 512)
+
+    def as_binary(self) -> BinaryIO:
+        """This view typed as a :class:`typing.BinaryIO`."""
+        return cast(BinaryIO, self)

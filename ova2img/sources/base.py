@@ -38,6 +38,9 @@ class Source:
         disks: the virtual disk files in disk order (first = the guest's first disk).
         product: OVF ProductSection fields (``product``, ``vendor``, ``version``, …), if any.
         files: every file of the packaging with its size (for ``inspect``).
+        manifest: ``verified`` (every digest of the ``.mf`` checked), ``absent`` (no manifest)
+            or ``skipped`` (``verify_manifest=False``).
+        certificate: a ``.cert`` is present (its signature is not checked).
     """
 
     name: str
@@ -45,6 +48,8 @@ class Source:
     disks: list[DiskFile]
     product: dict[str, str] = field(default_factory=dict)
     files: dict[str, int] = field(default_factory=dict)
+    manifest: str = "absent"
+    certificate: bool = False
     _closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     def close(self) -> None:

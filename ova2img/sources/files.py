@@ -75,12 +75,35 @@ def regular_file_size(path: Path, *, what: str) -> int:
     raise SourceError(f"{what} is not a regular file", obj=str(path))
 
 
+def is_external(name: str) -> bool:
+    """Whether ``name`` points outside its source (absolute, drive-rooted or with ``..``)."""
+    try:
+        safe_relative_name(name, context="")
+    except SourceError:
+        return bool(name) and "\x00" not in name
+    return False
+
+
+def external_path(directory: Path, name: str) -> Path:
+    """The host path of an external ``name`` (``--allow-external-files``): absolute as is,
+    relative to ``directory`` otherwise (a Windows separator is taken as ``/``)."""
+    return directory / name.replace("\\", "/")
+
+
 def directory_resolver(
-    directory: Path, handles: FileHandles, context: str
+    directory: Path, handles: FileHandles, context: str, *, allow_external: bool = False
 ) -> Callable[[str], BinaryIO]:
-    """A ``DiskFile.resolve`` that opens files of ``directory`` by relative name only."""
+    """A ``DiskFile.resolve`` that opens files of ``directory`` by relative name only.
+
+    With ``allow_external``, an absolute name or one with ``..`` is opened on the host too
+    (relative to ``directory``); without it, such a name is a :class:`SourceError`.
+    """
 
     def resolve(name: str) -> BinaryIO:
+        if allow_external and is_external(name):
+            path = external_path(directory, name)
+            regular_file_size(path, what=f"external file {name!r} named by {context}")
+            return handles.window(path, name).as_binary()
         rel = safe_relative_name(name, context=context)
         path = directory / rel
         regular_file_size(path, what=f"file {rel!r} named by {context}")
@@ -90,7 +113,12 @@ def directory_resolver(
 
 
 def host_disk_file(
-    path: Path, name: str, handles: FileHandles, capacity: int | None = None
+    path: Path,
+    name: str,
+    handles: FileHandles,
+    capacity: int | None = None,
+    *,
+    allow_external: bool = False,
 ) -> DiskFile:
     """A :class:`DiskFile` for a file on the host; ``resolve`` looks in the same directory."""
     size = regular_file_size(path, what="disk image")
@@ -102,7 +130,7 @@ def host_disk_file(
         name=name,
         size=size,
         open=open_,
-        resolve=directory_resolver(path.parent, handles, name),
+        resolve=directory_resolver(path.parent, handles, name, allow_external=allow_external),
         capacity=capacity,
     )
 
@@ -111,7 +139,7 @@ def host_disk_file(
 _VMX_STARTS = (b".encoding", b"config.version", b"#!/usr/bin/vmware")
 
 
-def open_images(paths: list[str]) -> Source:
+def open_images(paths: list[str], *, allow_external: bool = False) -> Source:
     """Open one or several bare disk images, in disk order.
 
     Raises:
@@ -126,7 +154,7 @@ def open_images(paths: list[str]) -> Source:
             if name == "-":
                 raise SourceError("reading from stdin needs the [sources] issue", obj="-")
             path = Path(name)
-            disk = host_disk_file(path, name, handles)
+            disk = host_disk_file(path, name, handles, allow_external=allow_external)
             with path.open("rb") as fh:
                 head = fh.read(64).lstrip()
             if head.startswith(_VMX_STARTS):

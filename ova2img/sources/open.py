@@ -28,11 +28,23 @@ def sniff(path: Path) -> str:
     return "image"
 
 
-def open_source(paths: list[str]) -> Source:
+def open_source(
+    paths: list[str], *, verify_manifest: bool = True, allow_external: bool = False
+) -> Source:
     """Open one OVA/OVF, or several bare disk images of one guest in disk order.
 
     Formats are detected by content (a POSIX/GNU tar → OVA; XML with an OVF Envelope → OVF;
     anything else is a bare disk image handed to the disk layer).
+
+    Args:
+        paths: the source(s) as the user gave them.
+        verify_manifest: when the OVA/OVF has a ``.mf`` manifest, hash every file it lists
+            before returning and raise :class:`SourceError` on a mismatch (CLI:
+            ``--no-manifest-check`` passes ``False``; then ``Source.manifest`` is ``skipped``).
+        allow_external: let a reference that leaves the source (an absolute path or one with
+            ``..`` in an OVF href, a VMDK descriptor extent, a qcow2 backing file) open that
+            file on the host, relative to the directory of the image/OVA/OVF naming it (CLI:
+            ``--allow-external-files``). Without it such a reference is a :class:`SourceError`.
 
     Raises:
         SourceError: unreadable file, malformed OVA/OVF, missing referenced file.
@@ -48,9 +60,10 @@ def open_source(paths: list[str]) -> Source:
                 raise SourceError(
                     f"an {kind.upper()} must be given alone, not with other sources", obj=p
                 )
-        return open_images(paths)
+        return open_images(paths, allow_external=allow_external)
+    options = {"verify_manifest": verify_manifest, "allow_external": allow_external}
     if kinds[0] == "ova":
-        return open_ova(Path(paths[0]), paths[0])
+        return open_ova(Path(paths[0]), paths[0], **options)
     if kinds[0] == "ovf":
-        return open_ovf(Path(paths[0]), paths[0])
-    return open_images(paths)
+        return open_ovf(Path(paths[0]), paths[0], **options)
+    return open_images(paths, allow_external=allow_external)

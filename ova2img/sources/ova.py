@@ -10,6 +10,7 @@ and its size, and a disk is a :class:`~ova2img.sources.window.Window` of the OVA
 from __future__ import annotations
 
 import os
+import posixpath
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +19,9 @@ from typing import BinaryIO
 
 from ..errors import SourceError, UnsupportedError
 from .base import Source
-from .files import regular_file_size, safe_relative_name
+from .files import FileHandles, external_path, is_external, regular_file_size, safe_relative_name
+from .manifest import parse_manifest
+from .manifest import verify_manifest as verify_digests
 from .ovf import MAX_OVF_SIZE, disk_files, parse_envelope
 from .window import Window
 
@@ -75,8 +78,49 @@ def index_tar(fh: BinaryIO, file_size: int, label: str) -> dict[str, Member]:
     return members
 
 
-def open_ova(path: Path, name: str) -> Source:
+def check_manifest(
+    members: dict[str, Member],
+    window: Callable[[Member], BinaryIO],
+    label: str,
+    verify: bool,
+) -> tuple[str, bool]:
+    """Verify the OVA's manifest member: ``(Source.manifest status, certificate present)``.
+
+    Raises:
+        SourceError: a digest differs, or the manifest lists a file the OVA does not hold.
+    """
+    certificate = any(n.lower().endswith(".cert") for n in members)
+    mf = next((m for m in members.values() if m.name.lower().endswith(".mf")), None)
+    if mf is None:
+        return "absent", certificate
+    if not verify:
+        return "skipped", certificate
+    if mf.kind != "file":
+        raise SourceError(f"manifest {mf.name!r} is not a regular file", obj=label)
+    with window(mf) as mfh:
+        digests = parse_manifest(mfh.read(MAX_OVF_SIZE), f"{label}:{mf.name}")
+
+    def open_member(ref: str) -> BinaryIO:
+        m = members.get(ref) or members.get(posixpath.normpath(ref))
+        if m is None or m.kind != "file":
+            raise SourceError(f"the manifest lists {ref!r}, not in the OVA", obj=label)
+        return window(m)
+
+    verify_digests(digests, open_member, label)
+    return "verified", certificate
+
+
+def open_ova(
+    path: Path, name: str, *, verify_manifest: bool = True, allow_external: bool = False
+) -> Source:
     """Open an OVA in place.
+
+    Args:
+        path: the OVA.
+        name: what the user called it.
+        verify_manifest: check every digest of the ``.mf`` member before anything is decoded.
+        allow_external: let names with ``..`` or absolute names (an OVF href, a descriptor
+            extent, a backing file) open files on the host, relative to the OVA's directory.
 
     Raises:
         SourceError: not a tar, truncated, no OVF descriptor, a referenced disk missing.
@@ -87,6 +131,7 @@ def open_ova(path: Path, name: str) -> Source:
         fh = path.open("rb")
     except OSError as err:
         raise SourceError(f"cannot open: {err.strerror or err}", obj=name) from err
+    handles = FileHandles()
     try:
         members = index_tar(fh, file_size, name)
         ovf = next(
@@ -115,15 +160,27 @@ def open_ova(path: Path, name: str) -> Source:
             return Window(fh, m.offset, m.size, f"{name}:{m.name}").as_binary()
 
         def resolve(ref: str) -> BinaryIO:
+            if allow_external and is_external(ref):
+                return host(ref)
             rel = safe_relative_name(ref, context=f"{name}: name {ref!r}")
             return window(member(rel, f"file {ref!r} named by a disk descriptor"))
 
+        def host(ref: str) -> BinaryIO:
+            target = external_path(path.parent, ref)
+            regular_file_size(target, what=f"external file {ref!r}")
+            return handles.window(target, ref).as_binary()
+
         def lookup(href: str) -> tuple[int, Callable[[], BinaryIO]]:
+            if allow_external and is_external(href):
+                target = external_path(path.parent, href)
+                return regular_file_size(target, what=f"external file {href!r}"), lambda: host(href)
             m = member(href, "the OVF references a disk file that is missing")
             return m.size, lambda: window(m)
 
-        disks = disk_files(env, name, lookup, resolve)
+        status, certificate = check_manifest(members, window, name, verify_manifest)
+        disks = disk_files(env, name, lookup, resolve, allow_external=allow_external)
     except BaseException:
+        handles.close()
         fh.close()
         raise
     return Source(
@@ -132,5 +189,7 @@ def open_ova(path: Path, name: str) -> Source:
         disks=disks,
         product=env.product,
         files={m.name: m.size for m in members.values()},
-        _closers=[fh.close],
+        manifest=status,
+        certificate=certificate,
+        _closers=[fh.close, handles.close],
     )

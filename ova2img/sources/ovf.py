@@ -31,7 +31,17 @@ from defusedxml.ElementTree import fromstring as safe_fromstring
 
 from ..errors import SourceError, UnsupportedError
 from .base import DiskFile, Source
-from .files import FileHandles, directory_resolver, regular_file_size, safe_relative_name
+from .files import (
+    FileHandles,
+    directory_resolver,
+    external_path,
+    is_external,
+    regular_file_size,
+    safe_relative_name,
+)
+from .manifest import parse_manifest
+from .manifest import verify_manifest as verify_digests
+from .packed import Concat, GzipStream, View
 
 OVF_NAMESPACES = (
     "http://schemas.dmtf.org/ovf/envelope/1",
@@ -270,20 +280,62 @@ def _disk_order(system: Element, label: str) -> list[str]:
     return order
 
 
-def check_file_usable(f: OvfFile, label: str) -> None:
-    """Refuse file references ova2img cannot read yet (compressed or chunked, DSP0243 §7.2)."""
-    if f.compression and f.compression.lower() != "identity":
+def _unpack(
+    f: OvfFile,
+    href: str,
+    label: str,
+    lookup: Callable[[str], tuple[int, Callable[[], BinaryIO]]],
+) -> tuple[int, Callable[[], BinaryIO]]:
+    """Size and opener of a file's bytes as the disk layer must see them: chunks joined
+    (``ovf:chunkSize``, members ``href.000000000`` …) then gzip inflated (``ovf:compression``).
+
+    Raises:
+        SourceError: a chunk missing or of the wrong size, corrupt gzip data.
+        UnsupportedError: a compression other than ``gzip``/``identity``.
+    """
+    compression = (f.compression or "identity").lower()
+    if compression not in ("identity", "gzip"):
         raise UnsupportedError(
-            f"disk file {f.href!r} is stored with ovf:compression={f.compression!r}: "
-            "needs the [sources] issue",
-            obj=label,
+            f"disk file {f.href!r} is stored with ovf:compression={f.compression!r}", obj=label
         )
     if f.chunk_size:
-        raise UnsupportedError(
-            f"disk file {f.href!r} is split in chunks (ovf:chunkSize={f.chunk_size}): "
-            "needs the [sources] issue",
-            obj=label,
-        )
+        parts: list[tuple[int, Callable[[], BinaryIO]]] = []
+        while True:
+            name = f"{href}.{len(parts):09d}"
+            try:
+                parts.append(lookup(name))
+            except SourceError:
+                if not parts:
+                    raise
+                break
+        for i, (psize, _) in enumerate(parts[:-1]):
+            if psize != f.chunk_size:
+                raise SourceError(
+                    f"chunk {href}.{i:09d} is {psize} bytes, ovf:chunkSize is {f.chunk_size}",
+                    obj=label,
+                )
+        total = sum(p[0] for p in parts)
+        if f.size is not None and f.size != total:
+            raise SourceError(
+                f"the chunks of {href!r} hold {total} bytes, ovf:size says {f.size}", obj=label
+            )
+
+        def joined() -> BinaryIO:
+            return Concat([(opener(), psize) for psize, opener in parts]).as_binary()
+
+        size, opener = total, joined
+    else:
+        size, opener = lookup(href)
+        if f.size is not None and f.size != size and compression == "identity":
+            raise SourceError(
+                f"file {href!r} is {size} bytes but the OVF declares ovf:size={f.size} "
+                "(truncated or replaced?)",
+                obj=label,
+            )
+    if compression == "identity":
+        return size, opener
+    gz = GzipStream(opener(), size, f"{label}:{href}")
+    return gz.size, lambda: View(gz).as_binary()
 
 
 def disk_files(
@@ -291,6 +343,8 @@ def disk_files(
     label: str,
     lookup: Callable[[str], tuple[int, Callable[[], BinaryIO]]],
     resolve: Callable[[str], BinaryIO],
+    *,
+    allow_external: bool = False,
 ) -> list[DiskFile]:
     """The envelope's disks as :class:`DiskFile` objects, in order.
 
@@ -314,23 +368,24 @@ def disk_files(
                 f"Disk {disk.disk_id!r} refers to file {disk.file_ref!r}, not in References",
                 obj=label,
             )
-        check_file_usable(f, label)
-        href = safe_relative_name(f.href, context=f"{label}: File {f.id!r}")
-        size, opener = lookup(href)
-        if f.size is not None and f.size != size:
-            raise SourceError(
-                f"file {href!r} is {size} bytes but the OVF declares ovf:size={f.size} "
-                "(truncated or replaced?)",
-                obj=label,
-            )
+        if allow_external and is_external(f.href):
+            href = f.href
+        else:
+            href = safe_relative_name(f.href, context=f"{label}: File {f.id!r}")
+        size, opener = _unpack(f, href, label, lookup)
         result.append(
             DiskFile(name=href, size=size, open=opener, resolve=resolve, capacity=disk.capacity)
         )
     return result
 
 
-def open_ovf(path: Path, name: str) -> Source:
+def open_ovf(
+    path: Path, name: str, *, verify_manifest: bool = True, allow_external: bool = False
+) -> Source:
     """Open an ``.ovf`` descriptor whose files are beside it.
+
+    The manifest is ``<stem>.mf`` beside it, the certificate ``<stem>.cert`` (DSP0243 §5.1);
+    ``verify_manifest`` and ``allow_external`` are as for :func:`~ova2img.sources.ova.open_ova`.
 
     Raises:
         SourceError: malformed envelope, a referenced disk file missing or of the wrong size.
@@ -342,10 +397,10 @@ def open_ovf(path: Path, name: str) -> Source:
     handles = FileHandles()
     try:
         directory = path.parent
-        resolve = directory_resolver(directory, handles, name)
+        resolve = directory_resolver(directory, handles, name, allow_external=allow_external)
 
         def lookup(href: str) -> tuple[int, Callable[[], BinaryIO]]:
-            target = directory / href
+            target = external_path(directory, href)
             fsize = regular_file_size(target, what=f"disk file {href!r} referenced by the OVF")
 
             def opener() -> BinaryIO:
@@ -353,7 +408,17 @@ def open_ovf(path: Path, name: str) -> Source:
 
             return fsize, opener
 
-        disks = disk_files(env, name, lookup, resolve)
+        status = "absent"
+        mf_path = path.with_suffix(".mf")
+        if mf_path.is_file():
+            status = "skipped"
+            if verify_manifest:
+                if mf_path.stat().st_size > MAX_OVF_SIZE:
+                    raise SourceError("manifest is too large", obj=str(mf_path))
+                digests = parse_manifest(mf_path.read_bytes(), str(mf_path))
+                verify_digests(digests, resolve, name)
+                status = "verified"
+        disks = disk_files(env, name, lookup, resolve, allow_external=allow_external)
         files = {path.name: size}
         for f in env.files.values():
             try:
@@ -370,5 +435,7 @@ def open_ovf(path: Path, name: str) -> Source:
         disks=disks,
         product=env.product,
         files=files,
+        manifest=status,
+        certificate=path.with_suffix(".cert").is_file(),
         _closers=[handles.close],
     )
