@@ -138,6 +138,8 @@ class Guest:
                 "name": self.source.name,
                 "kind": self.source.kind,
                 "product": dict(self.source.product),
+                "manifest": self.source.manifest,
+                "certificate": "present, not checked" if self.source.certificate else "absent",
             },
             "disks": disks,
             "root": self.root.volume.name,
@@ -176,6 +178,8 @@ def open(
     *,
     root: str | None = None,
     use_fstab: bool = True,
+    verify_manifest: bool = True,
+    allow_external: bool = False,
 ) -> Guest:
     """Open a VM image and assemble the guest's tree, without reading any file yet.
 
@@ -185,11 +189,17 @@ def open(
         root: which filesystem is the root (``UUID=…``, ``LABEL=…``, ``PARTUUID=…``, a
             volume name like ``sda2``) when it cannot be told from the guest's ``/etc/fstab``.
         use_fstab: mount what the root's ``/etc/fstab`` names (``False``: the root only).
+        verify_manifest: check every digest of the OVA's/OVF's ``.mf`` before reading (a
+            mismatch is a :class:`SourceError` naming the file).
+        allow_external: let an OVF href, a VMDK extent or a backing file name a file outside
+            the OVA/folder (absolute or ``..``); refused by default.
 
     Raises:
         Ova2imgError: the image cannot be read; the message says what and where.
     """
-    src = open_source(_as_list(source))
+    src = open_source(
+        _as_list(source), verify_manifest=verify_manifest, allow_external=allow_external
+    )
     try:
         disks = [open_disk(d, i) for i, d in enumerate(src.disks)]
         volumes: list[Volume] = []
@@ -257,6 +267,8 @@ def convert(
     exclude: Iterable[str] = (),
     root: str | None = None,
     use_fstab: bool = True,
+    verify_manifest: bool = True,
+    allow_external: bool = False,
     on_progress: Callable[[int], None] | None = None,
 ) -> ConversionResult:
     """Convert a VM image into a ``docker import`` rootfs tarball.
@@ -268,6 +280,8 @@ def convert(
         exclude: GNU-tar-style globs of guest paths to leave out.
         root: see :func:`open`.
         use_fstab: see :func:`open`.
+        verify_manifest: see :func:`open`.
+        allow_external: see :func:`open`.
         on_progress: called with the number of file-content bytes written so far.
 
     Returns:
@@ -286,7 +300,13 @@ def convert(
         warnings.append(message)
         log.warning("%s", message)
 
-    with open(source, root=root, use_fstab=use_fstab) as guest:
+    with open(
+        source,
+        root=root,
+        use_fstab=use_fstab,
+        verify_manifest=verify_manifest,
+        allow_external=allow_external,
+    ) as guest:
         warnings.extend(s.reason for s in guest.skipped)
         with open_output(os.fspath(output)) as out:
             stats = write_tar(

@@ -38,7 +38,8 @@ exit codes: 0 done · 1 conversion failed (one line on stderr says what and wher
 
 EPILOG_CONVERT = """\
 SOURCE is an .ova (read in place, never extracted), an .ovf with its files beside it, or
-one or several bare disk images (.vmdk of any subformat, raw) of one guest, in disk order.
+one or several bare disk images (.vmdk of any subformat, .qcow2, .vhd, .vhdx, .vdi, raw)
+of one guest, in disk order.
 Formats are detected by content. The guest's root filesystem is found (the one whose
 /etc/fstab names it as /), the other filesystems its fstab lists are mounted where it says,
 and every file is streamed into a PAX tarball with owners, modes, times (ns), xattrs, ACLs,
@@ -82,6 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-fstab",
         action="store_true",
         help="do not mount what the guest's /etc/fstab lists; the root filesystem only",
+    )
+    common.add_argument(
+        "--no-manifest-check",
+        action="store_true",
+        help="do not verify the digests of the OVA's/OVF's .mf manifest (verified by default)",
+    )
+    common.add_argument(
+        "--allow-external-files",
+        action="store_true",
+        help="let an OVF href, a VMDK extent or a backing file name a file outside the "
+        "OVA/folder (absolute or ..); refused by default",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
@@ -195,6 +207,8 @@ def _cmd_convert(args: argparse.Namespace, stderr: TextIO) -> int:
             exclude=args.exclude,
             root=args.root,
             use_fstab=not args.no_fstab,
+            verify_manifest=not args.no_manifest_check,
+            allow_external=args.allow_external_files,
             on_progress=progress,
         )
     finally:
@@ -223,7 +237,7 @@ def _human(n: int) -> str:
 
 def _print_inspect(info: dict[str, Any], out: TextIO) -> None:
     src = info["source"]
-    out.write(f"{src['name']} ({src['kind']})\n")
+    out.write(f"{src['name']} ({src['kind']}; manifest {src['manifest']})\n")
     for key, value in src["product"].items():
         out.write(f"  {key}: {value}\n")
     for disk in info["disks"]:
@@ -252,7 +266,13 @@ def _print_inspect(info: dict[str, Any], out: TextIO) -> None:
 
 
 def _cmd_inspect(args: argparse.Namespace, stdout: TextIO) -> int:
-    with api.open(args.sources, root=args.root, use_fstab=not args.no_fstab) as guest:
+    with api.open(
+        args.sources,
+        root=args.root,
+        use_fstab=not args.no_fstab,
+        verify_manifest=not args.no_manifest_check,
+        allow_external=args.allow_external_files,
+    ) as guest:
         info = guest.inspect()
     if args.json:
         json.dump(info, stdout, indent=2)
