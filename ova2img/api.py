@@ -110,6 +110,15 @@ class Guest:
                     "partlabel": v.partlabel,
                     "content": v.content,
                 }
+                if v.scheme == "lvm":
+                    entry["lvm"] = {
+                        "vg": v.extra.get("vg"),
+                        "lv": v.extra.get("lv"),
+                        "mapper": f"/dev/mapper/{v.extra.get('mapper')}",
+                        "segments": int(v.extra.get("segments", "0")),
+                    }
+                elif v.content == "LVM2_member":
+                    entry["lvm"] = {"vg": v.extra.get("vg"), "pv": True}
                 g = fs_by_volume.get(id(v))
                 if g is not None:
                     entry["filesystem"] = {
@@ -294,25 +303,39 @@ def convert(
     from .sinks.output import open_output
     from .sinks.tar import write_tar
 
-    warnings: list[str] = []
-
-    def warn(message: str) -> None:
-        warnings.append(message)
-        log.warning("%s", message)
-
-    with open(
-        source,
-        root=root,
-        use_fstab=use_fstab,
-        verify_manifest=verify_manifest,
-        allow_external=allow_external,
-    ) as guest:
-        warnings.extend(s.reason for s in guest.skipped)
-        with open_output(os.fspath(output)) as out:
+    collector = _WarningCollector()
+    log.addHandler(collector)
+    try:
+        with (
+            open(
+                source,
+                root=root,
+                use_fstab=use_fstab,
+                verify_manifest=verify_manifest,
+                allow_external=allow_external,
+            ) as guest,
+            open_output(os.fspath(output)) as out,
+        ):
             stats = write_tar(
-                guest.walk(exclude=exclude), out, on_warning=warn, on_progress=on_progress
+                guest.walk(exclude=exclude),
+                out,
+                on_warning=lambda message: log.warning("%s", message),
+                on_progress=on_progress,
             )
-    return ConversionResult(os.fspath(output), stats.entries, stats.data_bytes, warnings)
+    finally:
+        log.removeHandler(collector)
+    return ConversionResult(os.fspath(output), stats.entries, stats.data_bytes, collector.messages)
+
+
+class _WarningCollector(logging.Handler):
+    """Collects the warnings every layer logs (on ``ova2img.*``) during one conversion."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 __all__ = ["ConversionResult", "Guest", "Ova2imgError", "SkippedVolume", "convert", "open"]

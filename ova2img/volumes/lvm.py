@@ -162,6 +162,9 @@ def assemble_lvm(pvs: list[Volume]) -> tuple[list[Volume], list[tuple[str, str]]
             (naming the VG and the missing PV).
     """
     infos = [info for v in pvs if (info := read_pv(v)) is not None]
+    for info in infos:
+        if info.vg_name:
+            info.volume.extra["vg"] = info.vg_name
     by_uuid = {i.pv_uuid: i for i in infos}
     vgs: dict[str, PhysicalVolumeInfo] = {}
     for info in infos:
@@ -210,7 +213,6 @@ def _open_lv(
     total = 0
     for seg in segments:
         seg_type = str(seg.get("type", "?")).split("+", 1)[0]
-        types.append(seg_type)
         if seg_type not in _LINEAR:
             what = {
                 "snapshot": "a classic snapshot",
@@ -253,6 +255,8 @@ def _open_lv(
             pe_start = int(pv.get("pe_start", 0)) * SECTOR
             stripes.append((info.volume.stream, pe_start + int(first_extent) * extent_bytes))
         pieces.append(_Piece(start, length, stripes, chunk if count > 1 else 0))
+        # lvm2 writes linear segments as "striped" with one stripe; lvs calls them linear.
+        types.append("linear" if count == 1 else "striped")
         total = max(total, start + length)
     assert first_pv is not None
     stream = LogicalVolumeStream(pieces, total)

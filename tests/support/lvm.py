@@ -12,12 +12,13 @@ import json
 import os
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 LVM_ENV = {**os.environ, "LVM_SUPPRESS_FD_WARNINGS": "1"}
 NOACT = ["--driverloaded", "n"]
+MiB = 1 << 20
 
 
 def run(*cmd: str) -> str:
@@ -194,3 +195,198 @@ def _write_at(path: Path, offset: int, data: bytes) -> None:
     with path.open("r+b") as fh:
         fh.seek(offset)
         fh.write(data)
+
+
+# --------------------------------------------------------------------------------------------
+# Guest layouts with LVM (the [lvm-assembly] acceptance cases) and their references
+
+
+@dataclass
+class LvmGuest:
+    """A guest on LVM: its raw disks (in order), and what root mounts where for the reference:
+    ``(mount point, file, offset, size)`` — a filesystem image file, or a range of a disk."""
+
+    disks: list[Path]
+    mounts: list[tuple[str, Path, int, int]]
+    vg: str
+    description: dict[str, object] = field(default_factory=dict)
+
+
+def make_reference_from(out_tar: Path, mounts: list[tuple[str, Path, int, int]]) -> list[str]:
+    """Root's reference over filesystems that live in several files (LVs cannot be activated
+    on this kernel: their filesystems are mounted from the image files copied into them)."""
+    import tempfile
+
+    from .reference import REFERENCE_TAR_ARGS, loop_device, mounted
+
+    order = sorted(mounts, key=lambda m: (m[0].rstrip("/").count("/"), m[0]))
+    mnt = Path(tempfile.mkdtemp(prefix="ova2img-ref-", dir="/tmp"))
+    try:
+        with contextlib.ExitStack() as stack:
+            for point, backing, offset, size in order:
+                target = mnt / point.lstrip("/")
+                dev = stack.enter_context(loop_device(backing, offset, size))
+                stack.enter_context(mounted(dev, target, options="ro"))
+            proc = subprocess.run(
+                ["tar", *REFERENCE_TAR_ARGS, "-C", str(mnt), "-cf", str(out_tar), "."],
+                capture_output=True,
+                text=True,
+                errors="surrogateescape",
+                check=False,
+            )
+            if proc.returncode != 0:
+                raise RuntimeError(f"reference tar failed: {proc.stderr}")
+            return [line for line in proc.stderr.splitlines() if line]
+    finally:
+        mnt.rmdir()
+
+
+def _mkswap(path: Path, size: int) -> Path:
+    with path.open("wb") as fh:
+        fh.truncate(size)
+    run("mkswap", "-q", str(path))
+    return path
+
+
+def seed_layout(workdir: Path, populate: Callable[[Path], None] | None) -> LvmGuest:
+    """(a) The seed's Vagrant box: MBR, ext2 /boot (1 KiB blocks) on sda1, an extended
+    partition with a logical LVM PV (sda5), a VG with ``root`` (ext4) and ``swap_1``; fstab
+    names / and swap by /dev/mapper (dashes in the VG name doubled) and /boot by UUID."""
+    from .images import (
+        DiskLayout,
+        Partition,
+        _default_boot,
+        build_disk,
+        build_ext_image,
+        fstab_text,
+    )
+
+    vg = unique_vg("seed-vg")  # a dash in the VG name, as Vagrant's "vagrant-vg"
+    mapper = vg.replace("-", "--")
+    boot_uuid, root_uuid = str(uuid.uuid4()), str(uuid.uuid4())
+    fstab = fstab_text(
+        [
+            (f"/dev/mapper/{mapper}-root", "/", "ext4", "errors=remount-ro"),
+            (f"UUID={boot_uuid}", "/boot", "ext2", "defaults"),
+            (f"/dev/mapper/{mapper}-swap_1", "none", "swap", "sw"),
+            ("proc", "/proc", "proc", "defaults"),
+            ("tmpfs", "/run/shm", "tmpfs", "defaults,noauto"),
+        ]
+    )
+    boot = build_ext_image(
+        workdir / "boot.ext2",
+        8 * MiB,
+        _default_boot,
+        fstype="ext2",
+        mkfs_args=("-b", "1024"),
+        uuid=boot_uuid,
+    )
+    root = build_ext_image(
+        workdir / "root.ext4",
+        40 * MiB,
+        _rootfs(populate, fstab, ("/boot", "/proc", "/run/shm")),
+        uuid=root_uuid,
+    )
+    swap = _mkswap(workdir / "swap.img", 8 * MiB)
+    disk = build_disk(
+        workdir / "seed.raw",
+        DiskLayout(
+            "mbr",
+            (
+                Partition(8 * MiB, image=boot, mountpoint="/boot", bootable=True),
+                Partition(None, "extended"),
+                Partition(None, "lvm", logical=True),
+            ),
+            size=72 * MiB,
+            disk_id="0x0a2a0a0a",
+        ),
+    )
+    pv = disk.partition(5)
+    desc = create_vg(
+        vg,
+        [PVSpec(disk.path, pv.start, pv.size)],
+        [LVSpec("root", 40, content=root.path), LVSpec("swap_1", 8, content=swap)],
+    )
+    boot_part = disk.partition(1)
+    return LvmGuest(
+        [disk.path],
+        [
+            ("/", root.path, 0, root.path.stat().st_size),
+            ("/boot", disk.path, boot_part.start, boot_part.size),
+        ],
+        vg,
+        desc,
+    )
+
+
+def _rootfs(
+    populate: Callable[[Path], None] | None, fstab: str, mkdirs: tuple[str, ...]
+) -> Callable[[Path], None]:
+    from .images import _with_fstab
+
+    return _with_fstab(populate, fstab, mkdirs)
+
+
+def two_disk_layout(workdir: Path, populate: Callable[[Path], None] | None) -> LvmGuest:
+    """(b) Two disks: the first an MBR disk with an ext4 root; the second a whole-disk PV whose
+    ext4 LV is mounted at /srv with ``nofail``, named /dev/VG/LV."""
+    from .images import DiskLayout, Partition, build_disk, build_ext_image, fstab_text
+
+    vg = unique_vg("data")
+    root_uuid = str(uuid.uuid4())
+    fstab = fstab_text(
+        [
+            (f"UUID={root_uuid}", "/", "ext4", "defaults"),
+            (f"/dev/{vg}/srv", "/srv", "ext4", "defaults,nofail"),
+        ]
+    )
+    root = build_ext_image(
+        workdir / "root.ext4", 40 * MiB, _rootfs(populate, fstab, ("/srv",)), uuid=root_uuid
+    )
+    srv = build_ext_image(workdir / "srv.ext4", 16 * MiB, _srv_content)
+    disk1 = build_disk(
+        workdir / "disk1.raw",
+        DiskLayout("mbr", (Partition(None, image=root, mountpoint="/"),), size=42 * MiB),
+    )
+    disk2 = workdir / "disk2.raw"
+    with disk2.open("wb") as fh:
+        fh.truncate(24 * MiB)
+    desc = create_vg(vg, [PVSpec(disk2, 0, 24 * MiB)], [LVSpec("srv", 16, content=srv.path)])
+    part = disk1.partition(1)
+    return LvmGuest(
+        [disk1.path, disk2],
+        [("/", disk1.path, part.start, part.size), ("/srv", srv.path, 0, srv.path.stat().st_size)],
+        vg,
+        desc,
+    )
+
+
+def _srv_content(root: Path) -> None:
+    (root / "www").mkdir()
+    (root / "www" / "index.html").write_text("<h1>served from an LV on the second disk</h1>\n")
+    os.chown(root / "www", 33, 33)
+
+
+def multi_pv_layout(workdir: Path, populate: Callable[[Path], None] | None) -> LvmGuest:
+    """(c) One GPT disk with two PV partitions; the VG over both holds a root LV whose
+    extents are split over the two PVs (two segments), mounted by /dev/mapper."""
+    from .images import DiskLayout, Partition, build_disk, build_ext_image, fstab_text
+
+    vg = unique_vg("sys")
+    fstab = fstab_text([(f"/dev/mapper/{vg}-root", "/", "ext4", "defaults")])
+    root = build_ext_image(workdir / "root.ext4", 40 * MiB, _rootfs(populate, fstab, ()))
+    disk = build_disk(
+        workdir / "multi.raw",
+        DiskLayout(
+            "gpt",
+            (Partition(28 * MiB, "lvm", name="pv-a"), Partition(28 * MiB, "lvm", name="pv-b")),
+            size=60 * MiB,
+        ),
+    )
+    a, b = disk.partition(1), disk.partition(2)
+    desc = create_vg(
+        vg,
+        [PVSpec(disk.path, a.start, a.size), PVSpec(disk.path, b.start, b.size)],
+        [LVSpec("pad", 8, pvs=[0]), LVSpec("root", 40, content=root.path, pvs=[0, 1])],
+    )
+    return LvmGuest([disk.path], [("/", root.path, 0, root.path.stat().st_size)], vg, desc)
