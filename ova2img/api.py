@@ -32,8 +32,6 @@ log = logging.getLogger("ova2img")
 
 #: volume contents that hold no files and are skipped without a word
 _SILENT = frozenset({"unknown", "swap", "extended"})
-#: filesystems ova2img reads (the rest are refused, naming what they are)
-_LINUX_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4"})
 
 PathLike = str | os.PathLike[str]
 

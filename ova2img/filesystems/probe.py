@@ -384,7 +384,6 @@ def probe(stream: BinaryIO) -> str:
     return "unknown"
 
 
-_NOT_YET = {"xfs": "XFS", "btrfs": "btrfs", "vfat": "FAT"}
 _REFUSED = {
     "crypto_LUKS": "holds LUKS encryption; ova2img cannot read encrypted volumes — decrypt "
     "the disk first",
@@ -403,7 +402,7 @@ _REFUSED = {
 def open_filesystem(stream: BinaryIO, kind: str, *, name: str = "") -> Filesystem:
     """Open a filesystem of a kind :func:`probe` returned.
 
-    ext2/3/4 are read by :class:`ova2img.filesystems.ext.ExtFilesystem`; every other kind is
+    ext2/3/4, XFS, btrfs and vfat are read by the adapters in this package; every other kind is
     refused with a one-line :class:`UnsupportedError` naming the volume and what it holds.
     Swap, LVM2 PVs, external journals and bcache devices are not filesystems: callers skip
     them, and asking to open one is refused too.
@@ -416,11 +415,18 @@ def open_filesystem(stream: BinaryIO, kind: str, *, name: str = "") -> Filesyste
         from .ext import ExtFilesystem  # lazy: dissect.extfs only when there is ext to read
 
         return ExtFilesystem(stream, name=name)
-    if kind in _NOT_YET:
-        raise UnsupportedError(
-            f"{who} holds a {_NOT_YET[kind]} filesystem, which ova2img cannot read yet "
-            "(needs the [filesystems] issue)"
-        )
+    if kind == "btrfs":
+        from .btrfs import BtrfsFilesystem  # lazy: dissect.btrfs only when there is btrfs
+
+        return BtrfsFilesystem(stream, name=name)
+    if kind == "xfs":
+        from .xfs import XfsFilesystem  # lazy: dissect.xfs only when there is XFS to read
+
+        return XfsFilesystem(stream, name=name)
+    if kind == "vfat":
+        from .vfat import VfatFilesystem  # lazy: dissect.fat only when there is FAT to read
+
+        return VfatFilesystem(stream, name=name)
     if kind in _REFUSED:
         raise UnsupportedError(f"{who} {_REFUSED[kind]}")
     if kind in NOT_FILESYSTEMS:

@@ -208,9 +208,6 @@ def test_open_ext4(probe_images: Callable[[str], Path]) -> None:
 @pytest.mark.parametrize(
     ("kind", "words"),
     [
-        ("xfs", ("XFS", "[filesystems] issue")),
-        ("btrfs", ("btrfs", "[filesystems] issue")),
-        ("vfat", ("FAT", "[filesystems] issue")),
         ("crypto_LUKS", ("LUKS encryption", "decrypt the disk first")),
         ("BitLocker", ("BitLocker", "decrypt")),
         ("linux_raid_member", ("md-raid",)),
