@@ -52,14 +52,19 @@ def docker_engine() -> Iterator[str]:
     proc = subprocess.Popen(
         [
             dockerd,
-            "--storage-driver", "vfs",
+            "--storage-driver",
+            "vfs",
             "--iptables=false",
             "--ip6tables=false",
             "--bridge=none",
-            "-H", url,
-            "--data-root", str(top / "data"),
-            "--exec-root", str(top / "x"),
-            "--pidfile", str(top / "d.pid"),
+            "-H",
+            url,
+            "--data-root",
+            str(top / "data"),
+            "--exec-root",
+            str(top / "x"),
+            "--pidfile",
+            str(top / "d.pid"),
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -82,8 +87,10 @@ def docker_engine() -> Iterator[str]:
             proc.wait()
         log.close()
         # vfs layers are plain directories, but dockerd may leave mounts (netns, shm) behind.
-        subprocess.run(["umount", "-R", "-l", str(top / "data")], check=False,
-                       stderr=subprocess.DEVNULL)
-        subprocess.run(["umount", "-R", "-l", str(top / "x")], check=False,
-                       stderr=subprocess.DEVNULL)
+        subprocess.run(
+            ["umount", "-R", "-l", str(top / "data")], check=False, stderr=subprocess.DEVNULL
+        )
+        subprocess.run(
+            ["umount", "-R", "-l", str(top / "x")], check=False, stderr=subprocess.DEVNULL
+        )
         shutil.rmtree(top, ignore_errors=True)

@@ -31,7 +31,9 @@ def test_usage_error_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 2
 
 
-def test_missing_source_is_one_line_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_source_is_one_line_exit_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "out.tar"
     assert main(["convert", str(tmp_path / "nope.ova"), "-o", str(out)]) == 1
     err = capsys.readouterr().err

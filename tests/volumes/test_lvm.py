@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 from dissect.volume.lvm import LVM2
+from support.lvm import LVSpec, PVSpec, create_vg, unique_vg
 
 from ova2img.errors import VolumeError
 from ova2img.volumes.base import Volume
 from ova2img.volumes.lvm import assemble_lvm
-from support.lvm import LVSpec, PVSpec, create_vg, unique_vg
 
 MiB = 1 << 20
 
@@ -20,7 +20,9 @@ MiB = 1 << 20
 def _whole_disk_volume(path: Path, index: int, stack: list[object]) -> Volume:
     fh = path.open("rb")
     stack.append(fh)
-    return Volume(f"sd{chr(97 + index)}", index, 0, 0, path.stat().st_size, fh, content="LVM2_member")
+    return Volume(
+        f"sd{chr(97 + index)}", index, 0, 0, path.stat().st_size, fh, content="LVM2_member"
+    )
 
 
 @pytest.fixture(scope="module")
