@@ -20,10 +20,18 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .assembly import GuestFilesystem, Mount, TreeItem, apply_fstab, choose_root, walk_tree
+from .assembly import (
+    GuestFilesystem,
+    Mount,
+    TreeItem,
+    apply_fstab,
+    choose_root,
+    resolve_in_mounts,
+    walk_tree,
+)
 from .disks import VirtualDisk, open_disk
-from .errors import Ova2imgError, UnsupportedError
-from .filesystems import open_filesystem, probe
+from .errors import AssemblyError, Ova2imgError, UnsupportedError
+from .filesystems import EntryType, open_filesystem, probe
 from .sources import Source, open_source
 from .volumes import Volume, find_volumes
 from .volumes.lvm import assemble_lvm
@@ -59,33 +67,106 @@ class Guest:
     root: GuestFilesystem
     mounts: dict[bytes, Mount] = field(default_factory=dict)
 
-    def walk(self, *, exclude: Iterable[str] = ()) -> Iterator[TreeItem]:
+    def walk(
+        self, *, exclude: Iterable[str] = (), path: str | bytes | None = None
+    ) -> Iterator[TreeItem]:
         """Every path of the assembled guest tree, depth-first, sorted, root first.
 
         Args:
             exclude: GNU-tar-style globs of paths to leave out (with their subtrees).
-        """
-        return walk_tree(self.mounts, exclude=exclude)
-
-    def mount_for(self, path: bytes) -> tuple[Mount, bytes]:
-        """The filesystem that holds *path* in the assembled tree and the path inside it."""
-        norm = b"/" + b"/".join(p for p in path.split(b"/") if p and p != b".")
-        best = b"/"
-        for mp in self.mounts:
-            if (norm == mp or norm.startswith(mp.rstrip(b"/") + b"/")) and len(mp) > len(best):
-                best = mp
-        rest = norm[len(best.rstrip(b"/")) :] or b"/"
-        return self.mounts[best], rest
-
-    def read_file(self, path: str | bytes, limit: int = 1 << 20) -> bytes:
-        """Read (at most *limit* bytes of) a file of the guest by its absolute path.
+            path: walk only this subtree of the guest (symlinks followed inside the guest);
+                yielded paths are then relative to it.
 
         Raises:
-            FileNotFoundError: no such file in the guest.
+            FileNotFoundError: *path* does not exist in the guest.
+        """
+        start = self.resolve(path) if path is not None else b""
+        return walk_tree(self.mounts, exclude=exclude, start=start)
+
+    def resolve(self, path: str | bytes, *, follow: bool = True) -> bytes:
+        """The canonical form of a guest path: relative to the guest root, without ``.``,
+        ``..`` or symlinks, which are followed inside the guest (an absolute target restarts
+        at the guest root, never the host's), across mount points.
+
+        Args:
+            follow: also follow a symlink in the last component.
+
+        Raises:
+            FileNotFoundError: a component does not exist, or symlinks loop (40 hops, as Linux).
         """
         raw = path.encode("utf-8", "surrogateescape") if isinstance(path, str) else path
-        g, inner = self.mount_for(raw)
-        return g.fs.read_file(inner, limit)
+        todo = [p for p in raw.split(b"/") if p and p != b"."]
+        done: list[bytes] = []
+        hops = 0
+        while todo:
+            name = todo.pop(0)
+            if name == b"..":
+                if done:
+                    done.pop()
+                continue
+            candidate = b"/".join([*done, name])
+            mount, handle = self._locate(candidate, raw)
+            entry = mount.fs.stat(handle)
+            if entry.type is EntryType.SYMLINK and (todo or follow):
+                hops += 1
+                if hops > 40:
+                    raise FileNotFoundError(f"{raw.decode(errors='replace')}: too many symlinks")
+                if entry.link_target.startswith(b"/"):
+                    done = []
+                todo = [p for p in entry.link_target.split(b"/") if p and p != b"."] + todo
+                continue
+            if todo and entry.type is not EntryType.DIR:
+                raise FileNotFoundError(f"{raw.decode(errors='replace')}: not a directory")
+            done.append(name)
+        return b"/".join(done)
+
+    def _locate(self, resolved: bytes, asked: bytes) -> tuple[Mount, object]:
+        try:
+            return resolve_in_mounts(self.mounts, resolved)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{asked.decode(errors='replace')}: no such file or directory in the guest"
+            ) from None
+
+    def stat(self, path: str | bytes, *, follow: bool = True) -> TreeItem:
+        """The entry at a guest path (``follow=False``: a symlink itself, like ``lstat``)."""
+        resolved = self.resolve(path, follow=follow)
+        mount, handle = self._locate(resolved, resolved)
+        return TreeItem(resolved, mount.fs.stat(handle), mount.fs, mount.fs_id, handle)
+
+    def listdir(self, path: str | bytes) -> list[TreeItem]:
+        """The entries of a guest directory, sorted by name, with what mounts show on them.
+
+        Raises:
+            FileNotFoundError: no such directory.
+        """
+        top = self.stat(path)
+        if top.entry.type is not EntryType.DIR:
+            raise FileNotFoundError(f"{top.path.decode(errors='replace')}: not a directory")
+        mount, handle = self._locate(top.path, top.path)
+        prefix = top.path + b"/" if top.path else b""
+        items = []
+        for name, child in sorted(mount.fs.iterdir(handle), key=lambda nc: nc[0]):
+            path = prefix + name
+            if b"/" + path in self.mounts:  # a mount point shows the mounted root
+                m, h = self.mounts[b"/" + path], self.mounts[b"/" + path].fs.root()
+            else:
+                m, h = mount, child
+            items.append(TreeItem(path, m.fs.stat(h), m.fs, m.fs_id, h))
+        return items
+
+    def read_file(self, path: str | bytes, limit: int = 1 << 20) -> bytes:
+        """Read (at most *limit* bytes of) a regular file of the guest by its path, following
+        symlinks inside the guest.
+
+        Raises:
+            FileNotFoundError: no such regular file in the guest.
+        """
+        item = self.stat(path)
+        if item.entry.type is not EntryType.FILE:
+            raise FileNotFoundError(f"{item.path.decode(errors='replace')}: not a regular file")
+        with item.open() as fh:
+            return fh.read(limit)
 
     def inspect(self) -> dict[str, Any]:
         """A JSON-ready description: source → disks → volumes → filesystems → mounts."""
@@ -272,11 +353,12 @@ def convert(
     output: PathLike,
     *,
     exclude: Iterable[str] = (),
+    path: str | bytes | None = None,
     root: str | None = None,
     use_fstab: bool = True,
     verify_manifest: bool = True,
     allow_external: bool = False,
-    on_progress: Callable[[int], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> ConversionResult:
     """Convert a VM image into a ``docker import`` rootfs tarball.
 
@@ -289,7 +371,9 @@ def convert(
         use_fstab: see :func:`open`.
         verify_manifest: see :func:`open`.
         allow_external: see :func:`open`.
-        on_progress: called with the number of file-content bytes written so far.
+        path: convert only this subtree of the guest (its paths become relative to it).
+        on_progress: called now and then with the file-content bytes and the entries
+            written so far.
 
     Returns:
         Counts of what was written and the warnings raised on the way (also logged on the
@@ -304,25 +388,62 @@ def convert(
     collector = _WarningCollector()
     log.addHandler(collector)
     try:
-        with (
-            open(
-                source,
-                root=root,
-                use_fstab=use_fstab,
-                verify_manifest=verify_manifest,
-                allow_external=allow_external,
-            ) as guest,
-            open_output(os.fspath(output)) as out,
-        ):
-            stats = write_tar(
-                guest.walk(exclude=exclude),
-                out,
-                on_warning=lambda message: log.warning("%s", message),
-                on_progress=on_progress,
-            )
+        with open(
+            source,
+            root=root,
+            use_fstab=use_fstab,
+            verify_manifest=verify_manifest,
+            allow_external=allow_external,
+        ) as guest:
+            items = guest.walk(exclude=exclude, path=guest_path(guest, path))
+            counter = _Counter(on_progress)
+            with open_output(os.fspath(output)) as out:
+                stats = write_tar(
+                    counter.count(items),
+                    out,
+                    on_warning=lambda message: log.warning("%s", message),
+                    on_progress=counter.data if on_progress else None,
+                )
     finally:
         log.removeHandler(collector)
     return ConversionResult(os.fspath(output), stats.entries, stats.data_bytes, collector.messages)
+
+
+def guest_path(guest: Guest, path: str | bytes | None) -> bytes | None:
+    """Resolve a user-given guest path up front, so a wrong one fails before any output.
+
+    Raises:
+        AssemblyError: no such path in the guest.
+    """
+    if path is None:
+        return None
+    try:
+        return guest.resolve(path)
+    except FileNotFoundError as exc:
+        raise AssemblyError(str(exc)) from None
+
+
+class _Counter:
+    """Feeds a progress callback with (file bytes, entries) as the walk and the sink go."""
+
+    def __init__(self, callback: Callable[[int, int], None] | None) -> None:
+        self.callback = callback
+        self.entries = 0
+        self.bytes = 0
+
+    def count(self, items: Iterator[TreeItem]) -> Iterator[TreeItem]:
+        for item in items:
+            self.entries += 1
+            if self.callback is not None and self.entries % 512 == 0:
+                self.callback(self.bytes, self.entries)
+            yield item
+        if self.callback is not None:
+            self.callback(self.bytes, self.entries)
+
+    def data(self, done: int) -> None:
+        self.bytes = done
+        if self.callback is not None:
+            self.callback(done, self.entries)
 
 
 class _WarningCollector(logging.Handler):

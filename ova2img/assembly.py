@@ -465,32 +465,45 @@ class Excluder:
                 return False
 
 
-def walk_tree(mounts: dict[bytes, Mount], *, exclude: Iterable[str] = ()) -> Iterator[TreeItem]:
+def walk_tree(
+    mounts: dict[bytes, Mount], *, exclude: Iterable[str] = (), start: bytes = b""
+) -> Iterator[TreeItem]:
     """Walk the assembled tree depth-first, children sorted by name (bytes), deterministically.
 
     A mount-point directory shows the mounted filesystem's root (its metadata and its
     children), hiding what the lower filesystem has there, as a real mount does.
+
+    Args:
+        mounts: the mount table from :func:`apply_fstab`.
+        exclude: GNU-tar-style globs of paths to leave out (matched against the paths yielded).
+        start: walk only the subtree at this guest path (relative, without symlinks, as
+            :meth:`ova2img.Guest.resolve` returns it); yielded paths are relative to it.
 
     Raises:
         FilesystemError: an invalid name in a directory, a directory loop, absurd nesting.
     """
     excluded = Excluder(exclude)
     by_path = {mp.strip(b"/"): g for mp, g in mounts.items()}
-    root_g = by_path[b""]
+    start = start.strip(b"/")
+    g0, h0 = resolve_in_mounts(mounts, start)
+    cut = len(start) + 1 if start else 0
+    visited: set[bytes] = set()
     # Explicit stack of (path, filesystem, handle, depth): children are pushed sorted in
     # reverse so they pop in order. ``branch[d]`` is the identity of the directory at depth d
     # on the current path, to detect a directory that contains itself.
-    stack: list[tuple[bytes, Mount, object, int]] = [(b"", root_g, root_g.fs.root(), 0)]
+    stack: list[tuple[bytes, Mount, object, int]] = [(start, g0, h0, 0)]
     branch: list[tuple[int, int]] = []
     while stack:
         path, g, handle, depth = stack.pop()
-        if path and excluded(path):
+        rel = path[cut:]
+        if rel and excluded(rel):
             continue
         mounted = by_path.get(path)
         if mounted is not None and mounted is not g:
             g, handle = mounted, mounted.fs.root()
+            visited.add(path)
         entry = g.fs.stat(handle)
-        yield TreeItem(path, entry, g.fs, g.fs_id, handle)
+        yield TreeItem(rel, entry, g.fs, g.fs_id, handle)
         if entry.type is not EntryType.DIR:
             continue
         if depth >= MAX_DEPTH:
@@ -521,3 +534,32 @@ def walk_tree(mounts: dict[bytes, Mount], *, exclude: Iterable[str] = ()) -> Ite
         prefix = path + b"/" if path else b""
         for name in sorted(children, reverse=True):
             stack.append((prefix + name, g, children[name], depth + 1))
+    for mp, m in by_path.items():
+        inside = not start or mp == start or mp.startswith(start + b"/")
+        if mp and inside and mp not in visited and not excluded(mp[cut:]):
+            # mount(8) refuses a mount point that does not exist: nothing of it is shown.
+            log.warning(
+                "mount point /%s (%s) is not a directory on the filesystem below it; "
+                "its contents are not included",
+                mp.decode(errors="replace"),
+                m.name,
+            )
+
+
+def resolve_in_mounts(mounts: dict[bytes, Mount], path: bytes) -> tuple[Mount, object]:
+    """The mount and handle of a guest path that holds no symlinks (``b""`` is the root).
+
+    Raises:
+        FileNotFoundError: no such path.
+    """
+    path = path.strip(b"/")
+    best = b""
+    for mp in mounts:
+        key = mp.strip(b"/")
+        if key and (path == key or path.startswith(key + b"/")) and len(key) > len(best):
+            best = key
+    mount = mounts[b"/" + best if best else b"/"]
+    inner = path[len(best) :]
+    if not inner.strip(b"/"):
+        return mount, mount.fs.root()
+    return mount, mount.fs.lookup(b"/" + inner.strip(b"/"), follow=False)

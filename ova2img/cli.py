@@ -8,9 +8,12 @@ one line on stderr and the exit code of the contract (``../shared/design/archite
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import signal
+import stat
 import sys
 import time
 import traceback
@@ -20,7 +23,9 @@ from typing import Any, NoReturn, TextIO
 
 from . import api
 from ._version import __version__
-from .errors import Ova2imgError
+from .assembly import TreeItem
+from .errors import AssemblyError, Ova2imgError, UsageError
+from .filesystems.base import Entry, EntryType
 
 log = logging.getLogger("ova2img")
 
@@ -31,6 +36,8 @@ examples:
   ova2img convert disk.vmdk -o - | docker import - myimage:1.0
   ova2img inspect appliance.ova                        # disks, partitions, filesystems
   ova2img inspect appliance.ova --json
+  ova2img ls appliance.ova /etc -l                     # look inside without mounting
+  ova2img cat appliance.ova /etc/os-release
 
 exit codes: 0 done · 1 conversion failed (one line on stderr says what and where) ·
             2 usage error · 130 interrupted (no partial output is left)
@@ -128,11 +135,44 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave out guest paths matching GLOB, as `tar --exclude` does (a pattern with a "
         "leading / is anchored at the guest root; '*' matches '/' too). Repeatable.",
     )
+    conv.add_argument(
+        "--path",
+        metavar="PATH",
+        help="convert only this directory of the guest (e.g. /opt/toolchain); its contents "
+        "become the tarball's root",
+    )
     prog = conv.add_mutually_exclusive_group()
     prog.add_argument(
         "--progress", action="store_true", help="show progress even when stderr is no terminal"
     )
     prog.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+
+    ls = sub.add_parser(
+        "ls",
+        parents=[common],
+        help="list a directory of the guest",
+        description="List a directory of the guest's assembled tree (symlinks are followed "
+        "inside the guest, never on the host). PATH defaults to /.",
+        epilog="examples:\n  ova2img ls vm.ova /etc\n  ova2img ls vm.ova /boot -l",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ls.add_argument(
+        "args",
+        nargs="+",
+        metavar="SOURCE... [PATH]",
+        help="the VM image, then a guest path (with two or more arguments the last one is the "
+        "path)",
+    )
+    ls.add_argument("-l", "--long", action="store_true", help="mode, owner, size, time, target")
+    cat = sub.add_parser(
+        "cat",
+        parents=[common],
+        help="print a file of the guest",
+        description="Write a file of the guest to stdout (symlinks followed inside the guest).",
+        epilog="example:\n  ova2img cat vm.ova /etc/os-release",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cat.add_argument("args", nargs="+", metavar="SOURCE... PATH", help="the VM image, then a path")
 
     insp = sub.add_parser(
         "inspect",
@@ -169,42 +209,56 @@ def _setup_logging(args: argparse.Namespace, stream: TextIO) -> logging.Handler:
 
 
 class _Progress:
-    """A one-line progress display on a terminal: bytes written, rate, elapsed time."""
+    """Progress on stderr (rich): file data written, rate, entries, elapsed time.
 
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-        self.start = time.monotonic()
-        self.last = 0.0
-        self.shown = False
+    Shown when stderr is a terminal, or always with ``--progress``; never with ``-q``.
+    """
 
-    def __call__(self, done: int) -> None:
-        now = time.monotonic()
-        if now - self.last < 0.2:
-            return
-        self.last = now
-        elapsed = max(now - self.start, 1e-6)
-        self.stream.write(
-            f"\r\x1b[Kwriting: {done / 1e6:,.1f} MB of file data, "
-            f"{done / elapsed / 1e6:,.1f} MB/s, {elapsed:,.0f} s"
+    def __init__(self, stream: TextIO, *, force: bool) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TransferSpeedColumn,
         )
-        self.stream.flush()
-        self.shown = True
+
+        console = Console(file=stream, force_terminal=force or None, stderr=True)
+        self._progress = Progress(
+            SpinnerColumn(),
+            TextColumn("[bold]converting[/]"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TextColumn("{task.fields[entries]:,} entries"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+            refresh_per_second=5,
+        )
+        self._task = self._progress.add_task("convert", total=None, entries=0)
+        self._progress.start()
+
+    def __call__(self, done: int, entries: int) -> None:
+        self._progress.update(self._task, completed=done, entries=entries)
 
     def close(self) -> None:
-        if self.shown:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
+        self._progress.stop()
 
 
 def _cmd_convert(args: argparse.Namespace, stderr: TextIO) -> int:
     progress: _Progress | None = None
     if not args.quiet and (args.progress or stderr.isatty()):
-        progress = _Progress(stderr)
+        progress = _Progress(stderr, force=args.progress)
     try:
         result = api.convert(
             args.sources,
             args.output,
             exclude=args.exclude,
+            path=args.path,
             root=args.root,
             use_fstab=not args.no_fstab,
             verify_manifest=not args.no_manifest_check,
@@ -266,19 +320,101 @@ def _print_inspect(info: dict[str, Any], out: TextIO) -> None:
 
 
 def _cmd_inspect(args: argparse.Namespace, stdout: TextIO) -> int:
-    with api.open(
-        args.sources,
-        root=args.root,
-        use_fstab=not args.no_fstab,
-        verify_manifest=not args.no_manifest_check,
-        allow_external=args.allow_external_files,
-    ) as guest:
+    with _open_guest(args, args.sources) as guest:
         info = guest.inspect()
     if args.json:
         json.dump(info, stdout, indent=2)
         stdout.write("\n")
     else:
         _print_inspect(info, stdout)
+    return 0
+
+
+def _split_sources(args: list[str], *, path_required: bool) -> tuple[list[str], str]:
+    """``SOURCE... [PATH]``: with two or more arguments the last one is the guest path (to
+    list the root of a guest given as several disk images, end with ``/``)."""
+    if len(args) >= 2:
+        return args[:-1], args[-1]
+    if path_required:
+        raise UsageError("give the VM image, then the guest path")
+    return args, "/"
+
+
+def _open_guest(args: argparse.Namespace, sources: list[str]) -> api.Guest:
+    return api.open(
+        sources,
+        root=args.root,
+        use_fstab=not args.no_fstab,
+        verify_manifest=not args.no_manifest_check,
+        allow_external=args.allow_external_files,
+    )
+
+
+_TYPE_CHAR = {
+    EntryType.FILE: "-",
+    EntryType.DIR: "d",
+    EntryType.SYMLINK: "l",
+    EntryType.CHAR: "c",
+    EntryType.BLOCK: "b",
+    EntryType.FIFO: "p",
+    EntryType.SOCKET: "s",
+}
+
+
+def _mode_string(entry: Entry) -> str:
+    return _TYPE_CHAR[entry.type] + stat.filemode(entry.mode)[1:]
+
+
+def _ls_line(item: TreeItem, long: bool) -> str:
+    name = os.fsdecode(item.path.rsplit(b"/", 1)[-1]) or "/"
+    if not long:
+        return name
+    e = item.entry
+    when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(e.mtime_ns // 1_000_000_000))
+    size = (
+        f"{e.rdev_major}, {e.rdev_minor}"
+        if e.type in (EntryType.CHAR, EntryType.BLOCK)
+        else str(e.size)
+    )
+    target = f" -> {os.fsdecode(e.link_target)}" if e.type is EntryType.SYMLINK else ""
+    return f"{_mode_string(e)} {e.nlink:>3} {e.uid:>5} {e.gid:>5} {size:>10} {when} {name}{target}"
+
+
+def _cmd_ls(args: argparse.Namespace, stdout: TextIO) -> int:
+    sources, path = _split_sources(args.args, path_required=False)
+    with _open_guest(args, sources) as guest:
+        try:
+            top = guest.stat(path)
+            if top.entry.type is EntryType.DIR:
+                items = guest.listdir(path)
+            else:  # like ls: a symlink to a file is listed as the link itself
+                items = [guest.stat(path, follow=False)]
+        except FileNotFoundError as exc:
+            raise AssemblyError(str(exc)) from None
+        for item in items:
+            stdout.write(_ls_line(item, args.long) + "\n")
+    return 0
+
+
+def _cmd_cat(args: argparse.Namespace, stdout: TextIO) -> int:
+    sources, path = _split_sources(args.args, path_required=True)
+    with _open_guest(args, sources) as guest:
+        try:
+            item = guest.stat(path)
+        except FileNotFoundError as exc:
+            raise AssemblyError(str(exc)) from None
+        if item.entry.type is not EntryType.FILE:
+            raise AssemblyError(f"{path}: not a regular file in the guest")
+        stdout.flush()
+        out = stdout.buffer if hasattr(stdout, "buffer") else None
+        with item.open() as fh:
+            while chunk := fh.read(1 << 20):
+                if out is not None:
+                    out.write(chunk)
+                else:
+                    stdout.write(chunk.decode("utf-8", "replace"))
+        if out is not None:
+            out.flush()
     return 0
 
 
@@ -306,6 +442,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "convert":
             return _cmd_convert(args, stderr)
+        if args.command == "ls":
+            return _cmd_ls(args, stdout)
+        if args.command == "cat":
+            return _cmd_cat(args, stdout)
         return _cmd_inspect(args, stdout)
     except Ova2imgError as exc:
         if args.debug:
@@ -316,6 +456,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         stderr.write("ova2img: interrupted; no output was left behind\n")
         return 130
     except BrokenPipeError:
+        # Our stdout's reader went away (`ova2img ls … | head`); stop quietly like ls and cat,
+        # but a conversion that could not write its output has failed.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if args.command in ("ls", "cat"):
+            return 0
         stderr.write("ova2img: error: output: the reader closed the pipe\n")
         return 1
     finally:
