@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.sessions = ["lint", "typecheck", "docs", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 PYTHON = "3.11"
 
@@ -29,6 +29,13 @@ def typecheck(session: nox.Session) -> None:
     """mypy --strict over the package."""
     session.install("-e", ".", "mypy>=1.10", "types-docker")
     session.run("mypy")
+
+
+@nox.session(python=PYTHON)
+def docs(session: nox.Session) -> None:
+    """The documentation (MkDocs, API pages from the docstrings); warnings are errors."""
+    session.install("-e", ".[docs]")
+    session.run("mkdocs", "build", "--strict")
 
 
 @nox.session(python=PYTHON)
