@@ -38,9 +38,10 @@ examples:
   ova2img inspect appliance.ova --json
   ova2img ls appliance.ova /etc -l                     # look inside without mounting
   ova2img cat appliance.ova /etc/os-release
+  ova2img verify appliance.ova rootfs.tar              # exit 3 if anything differs
 
 exit codes: 0 done · 1 conversion failed (one line on stderr says what and where) ·
-            2 usage error · 130 interrupted (no partial output is left)
+            2 usage error · 3 verify found differences · 130 interrupted (no partial output)
 """
 
 EPILOG_CONVERT = """\
@@ -173,6 +174,26 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     cat.add_argument("args", nargs="+", metavar="SOURCE... PATH", help="the VM image, then a path")
+
+    ver = sub.add_parser(
+        "verify",
+        parents=[common],
+        help="compare a tarball with the image it was converted from",
+        description="Re-read TARBALL and compare it with the guest tree of SOURCE entry by "
+        "entry: type, mode, owner, mtime (ns), xattrs, symlink targets, devices, hardlinks and "
+        "content. Prints each difference; exits 3 if there is any, 0 if none.",
+        epilog="example:\n  ova2img convert vm.ova -o vm.tar && ova2img verify vm.ova vm.tar",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ver.add_argument("args", nargs="+", metavar="SOURCE... TARBALL", help="the image, then the tar")
+    ver.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="paths the conversion excluded (the same patterns as for convert)",
+    )
+    ver.add_argument("--path", metavar="PATH", help="the subtree the conversion was made of")
 
     insp = sub.add_parser(
         "inspect",
@@ -418,6 +439,30 @@ def _cmd_cat(args: argparse.Namespace, stdout: TextIO) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace, stdout: TextIO) -> int:
+    from .verify import verify
+
+    if len(args.args) < 2:
+        raise UsageError("give the VM image, then the tarball")
+    diffs = verify(
+        args.args[:-1],
+        args.args[-1],
+        exclude=args.exclude,
+        path=args.path,
+        root=args.root,
+        use_fstab=not args.no_fstab,
+        verify_manifest=not args.no_manifest_check,
+        allow_external=args.allow_external_files,
+    )
+    for line in diffs:
+        stdout.write(line + "\n")
+    if diffs:
+        log.error("%d difference(s) between the image and %s", len(diffs), args.args[-1])
+        return 3
+    log.info("%s matches the image", args.args[-1])
+    return 0
+
+
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
@@ -446,6 +491,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_ls(args, stdout)
         if args.command == "cat":
             return _cmd_cat(args, stdout)
+        if args.command == "verify":
+            return _cmd_verify(args, stdout)
         return _cmd_inspect(args, stdout)
     except Ova2imgError as exc:
         if args.debug:
