@@ -20,6 +20,7 @@ NOBODY = 65534
 RUNTIME_PACKAGES = (
     "ova2img",
     "dissect",
+    "backports",  # backports.zstd: dissect.btrfs decompresses zstd extents with it
     "defusedxml",
     "zstandard",
     "docker",

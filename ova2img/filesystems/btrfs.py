@@ -547,6 +547,17 @@ class _ExtentStream(AlignedStream):  # type: ignore[misc]
         self._starts = [e.file_offset for e in extents]
 
     def _read(self, offset: int, length: int) -> bytes:
+        # Reads happen after open() returned, outside BtrfsFilesystem._wrap: internal errors
+        # (a corrupt or undecodable extent, a missing zstd module) must still leave the
+        # adapter as FilesystemError.
+        try:
+            return self._read_extents(offset, length)
+        except (_Corrupt, DissectBtrfsError) as exc:
+            raise FilesystemError(
+                f"reading {length} bytes at offset {offset}: {exc}", obj=self._core.name
+            ) from exc
+
+    def _read_extents(self, offset: int, length: int) -> bytes:
         end = min(offset + length, self.size)
         out = bytearray()
         pos = offset
