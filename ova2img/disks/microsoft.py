@@ -22,7 +22,7 @@ from dissect.hypervisor.disk import vhdx as _vhdx
 from dissect.hypervisor.disk.c_vhdx import BAT_REGION_GUID, FILE_PARAMETERS_GUID
 
 from ..errors import DiskError, Ova2imgError, UnsupportedError
-from .stream import DECODE_ERRORS, DiskStream, ForeignStream
+from .stream import DECODE_ERRORS, DiskStream, ForeignStream, describe
 
 SECTOR = 512
 MAX_VIRTUAL_SIZE = 64 * 2**40
@@ -39,7 +39,7 @@ def _read_at(fh: BinaryIO, offset: int, length: int) -> bytes:
 
 
 def _wrap(err: BaseException, what: str, name: str) -> DiskError:
-    return DiskError(f"cannot open {what}: {type(err).__name__}: {err}", obj=name)
+    return DiskError(f"cannot open {what}: {describe(err)}", obj=name)
 
 
 def vhd_subformat(fh: BinaryIO, file_size: int, name: str) -> tuple[int, bytes]:

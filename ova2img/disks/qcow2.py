@@ -25,7 +25,7 @@ from typing import Any, BinaryIO
 from dissect.hypervisor.disk import qcow2 as _qcow2
 
 from ..errors import DiskError, Ova2imgError, UnsupportedError
-from .stream import DECODE_ERRORS, BackingView, DiskStream, ForeignStream
+from .stream import DECODE_ERRORS, BackingView, DiskStream, ForeignStream, describe
 
 try:
     import zstandard as _zstandard
@@ -147,7 +147,7 @@ def open_qcow2(fh: BinaryIO, file_size: int, name: str, open_backing: OpenBackin
             ) from err
         raise DiskError(f"cannot open qcow2: {err}", obj=name) from err
     except (*DECODE_ERRORS, _qcow2.Error) as err:
-        raise DiskError(f"cannot open qcow2: {type(err).__name__}: {err}", obj=name) from err
+        raise DiskError(f"cannot open qcow2: {describe(err)}", obj=name) from err
     if q.needs_data_file:
         raise UnsupportedError(f"qcow2 with an external data file {q.image_data_file!r}", obj=name)
     tables = max(2, L2_CACHE_BYTES // q.cluster_size)

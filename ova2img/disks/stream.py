@@ -22,6 +22,21 @@ DECODE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def describe(err: BaseException) -> str:
+    """What went wrong, for a one-line message, without the Python exception's name (the CLI
+    promises no Python internals on stderr; ``--debug`` shows the chained traceback)."""
+    text = str(err).replace("\n", " ").strip()
+    if isinstance(err, KeyError) and text:
+        return f"no entry {text}"
+    if text:
+        return text
+    if isinstance(err, EOFError):
+        return "unexpected end of data"
+    if isinstance(err, zlib.error):
+        return "corrupt compressed data"
+    return "malformed data"
+
+
 class DiskStream(io.RawIOBase):
     """A read-only, seekable stream of ``size`` bytes; subclasses implement :meth:`_pread`.
 
@@ -74,7 +89,7 @@ class DiskStream(io.RawIOBase):
             raise
         except DECODE_ERRORS as err:
             raise DiskError(
-                f"cannot decode {length} bytes: {type(err).__name__}: {err}",
+                f"cannot decode {length} bytes: {describe(err)}",
                 obj=self.label,
                 offset=offset,
             ) from err

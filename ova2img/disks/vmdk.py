@@ -34,7 +34,7 @@ from dissect.hypervisor.disk.c_vmdk import c_vmdk
 from dissect.hypervisor.disk.vmdk import DiskDescriptor, SparseDisk
 
 from ..errors import DiskError, Ova2imgError, UnsupportedError
-from .stream import DECODE_ERRORS, DiskStream
+from .stream import DECODE_ERRORS, DiskStream, describe
 
 SECTOR = 512
 VMDK_MAGIC = b"KDMV"
@@ -458,4 +458,4 @@ def open_vmdk(fh: BinaryIO, name: str, resolve: Resolver) -> VmdkStream:
     except Ova2imgError:
         raise
     except DECODE_ERRORS as err:
-        raise DiskError(f"cannot open VMDK: {type(err).__name__}: {err}", obj=name) from err
+        raise DiskError(f"cannot open VMDK: {describe(err)}", obj=name) from err
