@@ -34,13 +34,16 @@ class Source:
 
     Attributes:
         name: what the user passed (a path, or ``-``).
-        kind: ``ova``, ``ovf`` or ``images``.
+        kind: ``ova``, ``ovf``, ``images``, ``vmx`` (a VMware configuration), ``vmfs`` (a VM
+            on a VMFS datastore image) or ``box`` (a Vagrant libvirt box).
         disks: the virtual disk files in disk order (first = the guest's first disk).
         product: OVF ProductSection fields (``product``, ``vendor``, ``version``, …), if any.
         files: every file of the packaging with its size (for ``inspect``).
         manifest: ``verified`` (every digest of the ``.mf`` checked), ``absent`` (no manifest)
             or ``skipped`` (``verify_manifest=False``).
         certificate: a ``.cert`` is present (its signature is not checked).
+        spooled: bytes of temporary space held for the source (an archive read from a pipe
+            or a gzip'd box is spooled to an unnamed file in ``$TMPDIR``); 0 when read in place.
     """
 
     name: str
@@ -50,6 +53,7 @@ class Source:
     files: dict[str, int] = field(default_factory=dict)
     manifest: str = "absent"
     certificate: bool = False
+    spooled: int = 0
     _closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     def close(self) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from ..errors import SourceError, UnsupportedError
+from ..errors import SourceError
 from .base import DiskFile, Source
 from .window import Window
 
@@ -135,16 +135,11 @@ def host_disk_file(
     )
 
 
-# A .vmx is a VMware configuration, not a disk: its disks are named inside it.
-_VMX_STARTS = (b".encoding", b"config.version", b"#!/usr/bin/vmware")
-
-
 def open_images(paths: list[str], *, allow_external: bool = False) -> Source:
     """Open one or several bare disk images, in disk order.
 
     Raises:
         SourceError: a path is missing, not a regular file, or ``-`` (stdin).
-        UnsupportedError: a VMware ``.vmx`` configuration was given.
     """
     handles = FileHandles()
     try:
@@ -152,17 +147,9 @@ def open_images(paths: list[str], *, allow_external: bool = False) -> Source:
         files: dict[str, int] = {}
         for name in paths:
             if name == "-":
-                raise SourceError("reading from stdin needs the [sources] issue", obj="-")
+                raise SourceError("stdin must be given alone, not with other sources", obj="-")
             path = Path(name)
             disk = host_disk_file(path, name, handles, allow_external=allow_external)
-            with path.open("rb") as fh:
-                head = fh.read(64).lstrip()
-            if head.startswith(_VMX_STARTS):
-                raise UnsupportedError(
-                    "a VMware .vmx configuration: opening its disks needs the [sources] issue; "
-                    "pass its .vmdk files instead",
-                    obj=name,
-                )
             if name in files:
                 raise SourceError("the same image is given twice", obj=name)
             disks.append(disk)

@@ -9,6 +9,7 @@ and its size, and a disk is a :class:`~ova2img.sources.window.Window` of the OVA
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import tarfile
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import SourceError, UnsupportedError
-from .base import Source
+from .base import DiskFile, Source
 from .files import FileHandles, external_path, is_external, regular_file_size, safe_relative_name
 from .manifest import parse_manifest
 from .manifest import verify_manifest as verify_digests
@@ -63,7 +64,8 @@ def index_tar(fh: BinaryIO, file_size: int, label: str) -> dict[str, Member]:
                 continue
             name = safe_relative_name(info.name, context=f"{label}: member {info.name!r}")
             end = info.offset_data + info.size
-            if info.isreg() and end > file_size:
+            # A GNU sparse member stores less than its size: it is refused when used anyway.
+            if info.isreg() and not info.issparse() and end > file_size:
                 raise SourceError(
                     f"member {name!r} is truncated: {info.size} bytes expected, "
                     f"{max(0, file_size - info.offset_data)} present (incomplete download?)",
@@ -131,25 +133,53 @@ def open_ova(
         fh = path.open("rb")
     except OSError as err:
         raise SourceError(f"cannot open: {err.strerror or err}", obj=name) from err
-    handles = FileHandles()
     try:
         members = index_tar(fh, file_size, name)
-        ovf = next(
-            (m for m in members.values() if m.name.lower().endswith(".ovf") and m.kind == "file"),
-            None,
+
+        def check(window: Callable[[Member], BinaryIO]) -> tuple[str, bool]:
+            return check_manifest(members, window, name, verify_manifest)
+
+        return tar_source(
+            fh, members, name, path.parent, check, allow_external=allow_external, kind="ova"
         )
-        if ovf is None:
-            raise SourceError("no .ovf descriptor in the OVA", obj=name)
-        if ovf.size > MAX_OVF_SIZE:
-            raise SourceError(
-                f"OVF descriptor {ovf.name!r} is {ovf.size} bytes, too large", obj=name
-            )
-        env = parse_envelope(os.pread(fh.fileno(), ovf.size, ovf.offset), f"{name}:{ovf.name}")
+    except BaseException:
+        fh.close()
+        raise
+
+
+def tar_source(
+    fh: BinaryIO,
+    members: dict[str, Member],
+    name: str,
+    base: Path,
+    check: Callable[[Callable[[Member], BinaryIO]], tuple[str, bool]],
+    *,
+    allow_external: bool,
+    kind: str,
+) -> Source:
+    """The :class:`Source` of a tar archive whose members lie in ``fh`` at ``members``.
+
+    ``fh`` is the OVA itself, or the spool of an archive read from a pipe. The archive is an
+    OVA (its first ``.ovf`` member is the descriptor) or a Vagrant box: ``box.ovf`` (provider
+    ``virtualbox``, an OVF like any other) or ``metadata.json`` with ``box.img`` (provider
+    ``libvirt``, a qcow2; newer boxes list several ``disks`` in ``metadata.json``).
+
+    Args:
+        fh: the file holding the members' bytes; closed with the source (and on error here).
+        members: where each member's data lies in ``fh``.
+        name: the source's name, for messages.
+        base: the directory external names are relative to (``allow_external``).
+        check: checks the manifest given a member opener: ``(Source.manifest, certificate)``.
+        allow_external: as for :func:`open_ova`.
+        kind: ``Source.kind``.
+    """
+    handles = FileHandles()
+    try:
 
         def member(rel: str, context: str) -> Member:
             m = members.get(rel)
             if m is None:
-                raise SourceError(f"{context}: no member {rel!r} in the OVA", obj=name)
+                raise SourceError(f"{context}: no member {rel!r} in the archive", obj=name)
             if m.kind == "sparse":
                 raise UnsupportedError(f"member {rel!r} is a GNU sparse tar member", obj=name)
             if m.kind != "file":
@@ -166,30 +196,105 @@ def open_ova(
             return window(member(rel, f"file {ref!r} named by a disk descriptor"))
 
         def host(ref: str) -> BinaryIO:
-            target = external_path(path.parent, ref)
+            target = external_path(base, ref)
             regular_file_size(target, what=f"external file {ref!r}")
             return handles.window(target, ref).as_binary()
 
         def lookup(href: str) -> tuple[int, Callable[[], BinaryIO]]:
             if allow_external and is_external(href):
-                target = external_path(path.parent, href)
+                target = external_path(base, href)
                 return regular_file_size(target, what=f"external file {href!r}"), lambda: host(href)
             m = member(href, "the OVF references a disk file that is missing")
             return m.size, lambda: window(m)
 
-        status, certificate = check_manifest(members, window, name, verify_manifest)
-        disks = disk_files(env, name, lookup, resolve, allow_external=allow_external)
+        ovf = next(
+            (m for m in members.values() if m.name.lower().endswith(".ovf") and m.kind == "file"),
+            None,
+        )
+        product: dict[str, str] = {}
+        if ovf is not None:
+            if ovf.size > MAX_OVF_SIZE:
+                raise SourceError(
+                    f"OVF descriptor {ovf.name!r} is {ovf.size} bytes, too large", obj=name
+                )
+            env = parse_envelope(os.pread(fh.fileno(), ovf.size, ovf.offset), f"{name}:{ovf.name}")
+            status, certificate = check(window)
+            disks = disk_files(env, name, lookup, resolve, allow_external=allow_external)
+            product = env.product
+        elif "metadata.json" in members:
+            status, certificate = check(window)
+            disks = box_disks(members, window, name, resolve)
+            kind = "box"
+        else:
+            raise SourceError("no .ovf descriptor in the archive", obj=name)
     except BaseException:
         handles.close()
         fh.close()
         raise
     return Source(
         name=name,
-        kind="ova",
+        kind=kind,
         disks=disks,
-        product=env.product,
+        product=product,
         files={m.name: m.size for m in members.values()},
         manifest=status,
         certificate=certificate,
         _closers=[fh.close, handles.close],
     )
+
+
+MAX_METADATA_SIZE = 1024 * 1024
+
+
+def box_disks(
+    members: dict[str, Member],
+    window: Callable[[Member], BinaryIO],
+    name: str,
+    resolve: Callable[[str], BinaryIO],
+) -> list[DiskFile]:
+    """The disks of a Vagrant ``libvirt`` box (no OVF): ``box.img``, or the ``disks`` that
+    ``metadata.json`` lists (vagrant-libvirt ≥ 0.12: ``{"disks": [{"path": "box_1.img"}, …]}``),
+    in that order.
+
+    Raises:
+        SourceError: ``metadata.json`` is not JSON, or names a disk the box does not hold.
+        UnsupportedError: a provider whose box holds no disk image (``docker``, ``hyperv``…).
+    """
+    meta_member = members["metadata.json"]
+    if meta_member.kind != "file" or meta_member.size > MAX_METADATA_SIZE:
+        raise SourceError("metadata.json is not a small regular file", obj=name)
+    with window(meta_member) as mfh:
+        raw = mfh.read()
+    try:
+        meta = json.loads(raw)
+    except ValueError as err:
+        raise SourceError(f"metadata.json is not JSON: {err}", obj=name) from err
+    if not isinstance(meta, dict):
+        raise SourceError("metadata.json is not a JSON object", obj=name)
+    paths: list[str] = []
+    listed = meta.get("disks")
+    if isinstance(listed, list) and listed:
+        for d in listed:
+            path = d.get("path") if isinstance(d, dict) else None
+            if not isinstance(path, str):
+                raise SourceError(f"metadata.json: disk entry {d!r} has no path", obj=name)
+            paths.append(path)
+    elif "box.img" in members:
+        paths.append("box.img")
+    else:
+        provider = meta.get("provider", "?")
+        raise UnsupportedError(
+            f"a Vagrant box for provider {provider!r} without box.ovf or box.img", obj=name
+        )
+    disks: list[DiskFile] = []
+    for path in paths:
+        rel = safe_relative_name(path, context=f"{name}: metadata.json")
+        m = members.get(rel)
+        if m is None or m.kind != "file":
+            raise SourceError(f"metadata.json names disk {rel!r}, not in the box", obj=name)
+
+        def open_(m: Member = m) -> BinaryIO:
+            return window(m)
+
+        disks.append(DiskFile(name=rel, size=m.size, open=open_, resolve=resolve))
+    return disks

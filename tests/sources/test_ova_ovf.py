@@ -490,7 +490,8 @@ def test_gzip_and_chunked_references(raw_disks: list[Path], tmp_path: Path) -> N
     ova_gz = tar_ova(tmp_path, ["gz.ovf", f"{names[0]}.gz"], tmp_path / "gz.ova")
     ova_chunk = tar_ova(tmp_path, ["chunk.ovf", *chunks], tmp_path / "chunk.ova")
     ref = open_disk_bytes(disk)
-    for source in ["gz.ovf", "chunk.ovf", ova_gz, ova_chunk]:
+    sources: list[str | Path] = ["gz.ovf", "chunk.ovf", ova_gz, ova_chunk]
+    for source in sources:
         with open_source([str(tmp_path / source)]) as src:
             assert src.disks[0].size == len(expected)
             with src.disks[0].open() as fh:
