@@ -169,57 +169,73 @@ class Guest:
             return fh.read(limit)
 
     def inspect(self) -> dict[str, Any]:
-        """A JSON-ready description: source → disks → volumes → filesystems → mounts."""
+        """A JSON-ready description: source → disks → partitions → LVM → filesystems → mounts,
+        and the guest OS. Its shape is ``docs/inspect-schema.json`` (``"schema": 1``)."""
         fs_by_volume = {id(g.volume): g for g in self.filesystems}
         skipped = {id(s.volume): s.reason for s in self.skipped}
-        disks = []
-        for disk in self.disks:
-            vols = []
-            for v in self.volumes:
-                if v.disk_index != disk.index:
-                    continue
-                entry: dict[str, Any] = {
-                    "name": v.name,
-                    "number": v.number,
-                    "offset": v.offset,
-                    "size": v.size,
-                    "scheme": v.scheme,
-                    "type": v.type,
-                    "partuuid": v.partuuid,
-                    "partlabel": v.partlabel,
-                    "content": v.content,
+
+        def describe(v: Volume) -> dict[str, Any]:
+            entry: dict[str, Any] = {
+                "name": v.name,
+                "number": v.number,
+                "offset": v.offset,
+                "size": v.size,
+                "scheme": v.scheme,
+                "type": v.type,
+                "partuuid": v.partuuid,
+                "partlabel": v.partlabel,
+                "content": v.content,
+            }
+            if v.scheme == "lvm":
+                entry["lvm"] = {
+                    "vg": v.extra.get("vg"),
+                    "lv": v.extra.get("lv"),
+                    "mapper": f"/dev/mapper/{v.extra.get('mapper')}",
+                    "segments": int(v.extra.get("segments", "0")),
                 }
-                if v.scheme == "lvm":
-                    entry["lvm"] = {
-                        "vg": v.extra.get("vg"),
-                        "lv": v.extra.get("lv"),
-                        "mapper": f"/dev/mapper/{v.extra.get('mapper')}",
-                        "segments": int(v.extra.get("segments", "0")),
-                    }
-                elif v.content == "LVM2_member":
-                    entry["lvm"] = {"vg": v.extra.get("vg"), "pv": True}
-                g = fs_by_volume.get(id(v))
-                if g is not None:
-                    entry["filesystem"] = {
-                        "type": g.fs.fstype,
-                        "uuid": g.fs.uuid,
-                        "label": g.fs.label,
-                        "mountpoints": [
-                            mp.decode("utf-8", "surrogateescape") for mp in g.mountpoints
-                        ],
-                    }
-                if id(v) in skipped:
-                    entry["skipped"] = skipped[id(v)]
-                vols.append(entry)
-            disks.append(
-                {
-                    "name": disk.name,
-                    "format": disk.format,
-                    "subformat": disk.subformat,
-                    "size": disk.size,
-                    "volumes": vols,
+            elif v.content == "LVM2_member":
+                entry["lvm"] = {"vg": v.extra.get("vg"), "pv": True}
+            g = fs_by_volume.get(id(v))
+            if g is not None:
+                entry["filesystem"] = {
+                    "type": g.fs.fstype,
+                    "uuid": g.fs.uuid,
+                    "label": g.fs.label,
+                    "mountpoints": [mp.decode("utf-8", "surrogateescape") for mp in g.mountpoints],
                 }
-            )
+            if id(v) in skipped:
+                entry["skipped"] = skipped[id(v)]
+            return entry
+
+        disks = [
+            {
+                "name": disk.name,
+                "format": disk.format,
+                "subformat": disk.subformat,
+                "size": disk.size,
+                "volumes": [
+                    describe(v)
+                    for v in self.volumes
+                    if v.disk_index == disk.index and v.scheme != "lvm"
+                ],
+            }
+            for disk in self.disks
+        ]
+        groups: dict[str, dict[str, Any]] = {}
+        for v in self.volumes:
+            vg = v.extra.get("vg")
+            if vg is None:
+                continue
+            group = groups.setdefault(vg, {"name": vg, "pvs": [], "lvs": []})
+            if v.scheme == "lvm":
+                group["lvs"].append(describe(v))
+            else:
+                group["pvs"].append(v.name)
+        for s in self.skipped:  # refused LVs (snapshots, thin, …) are named in skipped
+            if s.volume.scheme == "lvm" and "/" in s.volume.name:
+                vg = s.volume.name.split("/", 1)[0]
+                group = groups.setdefault(vg, {"name": vg, "pvs": [], "lvs": []})
+                group["lvs"].append({"name": s.volume.name, "skipped": s.reason})
         return {
             "schema": 1,
             "source": {
@@ -230,6 +246,7 @@ class Guest:
                 "certificate": "present, not checked" if self.source.certificate else "absent",
             },
             "disks": disks,
+            "volume_groups": list(groups.values()),
             "root": self.root.volume.name,
             "mounts": [
                 {
@@ -240,6 +257,35 @@ class Guest:
                 }
                 for mp, m in sorted(self.mounts.items())
             ],
+            "os": self.os_info(),
+        }
+
+    def os_info(self) -> dict[str, str | None]:
+        """The guest OS: fields of ``/etc/os-release`` (or ``/usr/lib/os-release``) and the
+        architecture of ``/bin/sh`` from its ELF header (``None`` where unknown)."""
+        from .sinks.config import elf_platform
+
+        fields: dict[str, str] = {}
+        for candidate in ("/etc/os-release", "/usr/lib/os-release"):
+            try:
+                text = self.read_file(candidate, 64 << 10).decode("utf-8", "replace")
+            except (FileNotFoundError, Ova2imgError):
+                continue
+            for line in text.splitlines():
+                key, sep, value = line.strip().partition("=")
+                if sep and key.isidentifier():
+                    fields[key] = value.strip().strip("\"'")
+            break
+        try:
+            platform = elf_platform(self.read_file("/bin/sh", 64))
+        except (FileNotFoundError, Ova2imgError):
+            platform = None
+        return {
+            "pretty_name": fields.get("PRETTY_NAME"),
+            "id": fields.get("ID"),
+            "version_id": fields.get("VERSION_ID"),
+            "architecture": str(platform.architecture) if platform else None,
+            "variant": platform.variant if platform else None,
         }
 
     def close(self) -> None:

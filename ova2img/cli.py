@@ -310,6 +310,29 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
+def _volume_line(vol: dict[str, Any], indent: str) -> str:
+    line = f"{indent}{vol['name']}"
+    if vol.get("scheme") == "lvm":
+        line += f" (LV {vol['type']}, {vol['lvm']['segments']} segment(s))"
+    elif vol.get("scheme") not in (None, "none"):
+        line += f" ({vol['scheme']} {vol['type']})"
+    if "size" in vol:
+        line += f" {_human(vol['size'])}: {vol['content']}"
+    fs = vol.get("filesystem")
+    if fs:
+        if fs["uuid"]:
+            line += f" UUID={fs['uuid']}"
+        if fs["label"]:
+            line += f" LABEL={fs['label']}"
+        if fs["mountpoints"]:
+            line += f" → mounted at {', '.join(fs['mountpoints'])}"
+    if vol.get("lvm", {}).get("pv"):
+        line += f" (PV of {vol['lvm']['vg']})"
+    if "skipped" in vol:
+        line += f" (skipped: {vol['skipped']})"
+    return line
+
+
 def _print_inspect(info: dict[str, Any], out: TextIO) -> None:
     src = info["source"]
     out.write(f"{src['name']} ({src['kind']}; manifest {src['manifest']})\n")
@@ -317,23 +340,19 @@ def _print_inspect(info: dict[str, Any], out: TextIO) -> None:
         out.write(f"  {key}: {value}\n")
     for disk in info["disks"]:
         sub = f" {disk['subformat']}" if disk["subformat"] else ""
-        out.write(f"└─ disk {disk['name']}: {disk['format']}{sub}, {_human(disk['size'])}\n")
+        out.write(f"disk {disk['name']}: {disk['format']}{sub}, {_human(disk['size'])}\n")
         for vol in disk["volumes"]:
-            line = f"   ├─ {vol['name']}"
-            if vol["scheme"] != "none":
-                line += f" ({vol['scheme']} {vol['type']})"
-            line += f" {_human(vol['size'])}: {vol['content']}"
-            fs = vol.get("filesystem")
-            if fs:
-                if fs["uuid"]:
-                    line += f" UUID={fs['uuid']}"
-                if fs["label"]:
-                    line += f" LABEL={fs['label']}"
-                if fs["mountpoints"]:
-                    line += f" → mounted at {', '.join(fs['mountpoints'])}"
-            if "skipped" in vol:
-                line += f" (skipped: {vol['skipped']})"
-            out.write(line + "\n")
+            out.write(_volume_line(vol, "  ├─ ") + "\n")
+    for vg in info["volume_groups"]:
+        out.write(f"volume group {vg['name']} on {', '.join(vg['pvs']) or '?'}\n")
+        for lv in vg["lvs"]:
+            out.write(_volume_line(lv, "  ├─ ") + "\n")
+    osi = info["os"]
+    if osi["pretty_name"] or osi["architecture"]:
+        arch = osi["architecture"] or "unknown architecture"
+        if osi["variant"]:
+            arch += f"/{osi['variant']}"
+        out.write(f"guest: {osi['pretty_name'] or 'unknown OS'} ({arch})\n")
     out.write(f"root: {info['root']}\n")
     for m in info["mounts"]:
         opts = f" ({','.join(m['options'])})" if m["options"] else ""

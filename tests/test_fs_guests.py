@@ -130,6 +130,7 @@ def test_inspect_shows_mounts_and_types(built: Built) -> None:
     mounts = {m["path"]: (m["volume"], m["fstype"]) for m in info["mounts"]}
     assert mounts == built.guest.expected_mounts
     vols = {v["name"]: v for d in info["disks"] for v in d["volumes"]}
+    vols.update({v["name"]: v for g in info["volume_groups"] for v in g["lvs"]})
     by_volume: dict[str, list[str]] = {}
     for point, (volume, fstype) in built.guest.expected_mounts.items():
         assert vols[volume]["filesystem"]["type"] == fstype
@@ -213,3 +214,28 @@ def test_btrfs_read_error_is_a_filesystem_error(
         fresh = btrfs.BtrfsFilesystem(fh, name="sda3").mount(["subvol=root"])
         with pytest.raises(FilesystemError, match=r"backports\.zstd"):
             fresh.open(fresh.lookup(b"/usr/share/doc/ova2img/README")).read(100)
+
+
+def test_inspect_json_validates_against_the_documented_schema(rhel: Built) -> None:
+    """[ux]: on the RHEL-like guest, inspect --json follows docs/inspect-schema.json and names
+    every disk, partition, VG, LV and filesystem with its mount point."""
+    import json
+
+    import jsonschema
+
+    from ova2img.cli import main as cli_main
+
+    schema = json.loads((Path(__file__).parent.parent / "docs" / "inspect-schema.json").read_text())
+    with ova2img.open(rhel.ova) as guest:
+        info = guest.inspect()
+    jsonschema.validate(info, schema)
+    assert info["volume_groups"] and all(vg["lvs"] for vg in info["volume_groups"])
+    fstypes = {m["path"]: m["fstype"] for m in info["mounts"]}
+    assert fstypes["/"] == "xfs" and fstypes["/boot"] == "xfs" and fstypes["/home"] == "ext4"
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert cli_main(["inspect", str(rhel.ova), "--json"]) == 0
+    jsonschema.validate(json.loads(buf.getvalue()), schema)

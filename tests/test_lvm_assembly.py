@@ -102,7 +102,7 @@ def test_inspect_shows_lvm_and_mounts(built: Built, capsys: pytest.CaptureFixtur
     with ova2img.open(built.ova) as guest:
         info = guest.inspect()
     vg = built.guest.vg
-    lvs = {v["name"]: v for d in info["disks"] for v in d["volumes"] if v["scheme"] == "lvm"}
+    lvs = {v["name"]: v for g in info["volume_groups"] for v in g["lvs"]}
     mounts = {m["path"]: m["volume"] for m in info["mounts"]}
     if vg.startswith("seed"):
         assert lvs[f"{vg}/root"]["filesystem"]["mountpoints"] == ["/"]
