@@ -43,3 +43,10 @@ def bench(session: nox.Session) -> None:
     """Benchmarks: ova2img against the root pipeline (run as root for the comparison)."""
     session.install("-e", ".[zstd]")
     session.run("python", "benchmarks/run.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def fuzz(session: nox.Session) -> None:
+    """The long robustness campaign (>= 10,000 damaged inputs; as root for the corpus tools)."""
+    session.install("-e", ".[test]")
+    session.run("python", "benchmarks/fuzz_run.py", *(session.posargs or ["-n", "10000"]))
