@@ -84,7 +84,7 @@ def _open_tar(path: str) -> Iterator[tarfile.TarFile]:
         if magic == b"\x28\xb5\x2f\xfd":
             import zstandard
 
-            fileobj = zstandard.ZstdDecompressor().stream_reader(raw)  # type: ignore[assignment]
+            fileobj = zstandard.ZstdDecompressor().stream_reader(raw)
         with tarfile.open(
             fileobj=fileobj, mode="r|*", encoding="utf-8", errors="surrogateescape"
         ) as tf:
