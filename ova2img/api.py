@@ -30,7 +30,7 @@ from .assembly import (
     walk_tree,
 )
 from .disks import VirtualDisk, open_disk
-from .errors import AssemblyError, Ova2imgError, UnsupportedError
+from .errors import AssemblyError, Ova2imgError, UnsupportedError, UsageError
 from .filesystems import EntryType, open_filesystem, probe
 from .sources import Source, open_source
 from .volumes import Volume, find_volumes
@@ -405,6 +405,13 @@ def convert(
     verify_manifest: bool = True,
     allow_external: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
+    profile: str | None = None,
+    ops: Sequence[str] = (),
+    no_ops: Sequence[str] = (),
+    ids: str | None = None,
+    devices: str = "keep",
+    whiteouts: str = "keep",
+    report: PathLike | None = None,
 ) -> ConversionResult:
     """Convert a VM image into a ``docker import`` rootfs tarball.
 
@@ -420,6 +427,15 @@ def convert(
         path: convert only this subtree of the guest (its paths become relative to it).
         on_progress: called now and then with the file-content bytes and the entries
             written so far.
+        profile: ``"container"`` applies every cleaning operation of
+            :mod:`ova2img.profile` (machine-id, host keys, logs, caches, …) while streaming;
+            ``None`` (the default) is a faithful copy.
+        ops, no_ops: operations to add to / remove from the profile.
+        ids: ``"remap"`` or ``"clamp"`` uids/gids above 65535 (for rootless engines),
+            keeping ``/etc/passwd`` and ``/etc/group`` consistent; ``None`` keeps them.
+        devices: ``"drop"`` leaves device nodes out.
+        whiteouts: ``"rename"`` or ``"refuse"`` names starting with ``.wh.``.
+        report: write a JSON ledger of what was kept, transformed or dropped.
 
     Returns:
         Counts of what was written and the warnings raised on the way (also logged on the
@@ -428,6 +444,8 @@ def convert(
     Raises:
         Ova2imgError: anything went wrong; no output file is left behind.
     """
+    from .profile import plan_ids, select_operations, transform
+    from .report import Ledger
     from .sinks.output import open_output
     from .sinks.tar import write_tar
 
@@ -441,7 +459,21 @@ def convert(
             verify_manifest=verify_manifest,
             allow_external=allow_external,
         ) as guest:
-            items = guest.walk(exclude=exclude, path=guest_path(guest, path))
+            items: Iterator[TreeItem] = guest.walk(exclude=exclude, path=guest_path(guest, path))
+            chosen = select_operations(profile, ops, no_ops)
+            ledger = Ledger(profile=profile, operations=chosen) if report is not None else None
+            if chosen or ids or devices != "keep" or whiteouts != "keep" or ledger:
+                if path is not None and chosen:
+                    raise UsageError("--profile/--op work on the whole guest, not with --path")
+                items = transform(
+                    items,
+                    guest=guest,
+                    ops=chosen,
+                    ids=plan_ids(guest, ids) if ids else None,  # type: ignore[arg-type]
+                    devices=devices,  # type: ignore[arg-type]
+                    whiteouts=whiteouts,  # type: ignore[arg-type]
+                    ledger=ledger,
+                )
             counter = _Counter(on_progress)
             with open_output(os.fspath(output)) as out:
                 stats = write_tar(
@@ -450,6 +482,8 @@ def convert(
                     on_warning=lambda message: log.warning("%s", message),
                     on_progress=counter.data if on_progress else None,
                 )
+        if ledger is not None and report is not None:
+            ledger.write(report)
     finally:
         log.removeHandler(collector)
     return ConversionResult(os.fspath(output), stats.entries, stats.data_bytes, collector.messages)

@@ -105,19 +105,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
+    from .profile import OPERATIONS
+
+    operations = "\n".join(
+        f"  {name:<18} {op.summary.replace('``', '')}" for name, op in OPERATIONS.items()
+    )
     conv = sub.add_parser(
         "convert",
         parents=[common],
         help="write the guest's tree as a docker-import tarball",
         description="Convert a VM image into a `docker import` rootfs tarball.",
-        epilog=EPILOG_CONVERT,
+        epilog=EPILOG_CONVERT
+        + "\noperations of --profile container (--op/--no-op NAME):\n"
+        + operations,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     conv.add_argument("sources", nargs="+", metavar="SOURCE", help="the VM image (see below)")
     conv.add_argument(
         "-o",
         "--output",
-        required=True,
         metavar="OUTPUT",
         help="the tarball to write, or - for stdout; a name ending in .gz or .zst is "
         "compressed. Written under a temporary name and renamed when complete.",
@@ -142,6 +148,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="convert only this directory of the guest (e.g. /opt/toolchain); its contents "
         "become the tarball's root",
     )
+    ready = conv.add_argument_group(
+        "container-ready (opt-in; the default is a faithful copy)",
+        "Operations applied while streaming, never to the source. `ova2img convert --help` "
+        "lists them below; --dry-run shows exactly what they would change.",
+    )
+    ready.add_argument(
+        "--profile", choices=["container"], help="apply every cleaning operation listed below"
+    )
+    ready.add_argument("--op", action="append", default=[], metavar="NAME", help="add one")
+    ready.add_argument("--no-op", action="append", default=[], metavar="NAME", help="leave one out")
+    ready.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list what the operations would change; write nothing",
+    )
+    ready.add_argument(
+        "--ids",
+        choices=["remap", "clamp"],
+        help="rewrite uids/gids above 65535 for rootless engines (remap: each to its own free id "
+        "below 65534; clamp: all to 65534), /etc/passwd and /etc/group alike",
+    )
+    ready.add_argument("--drop-devices", action="store_true", help="leave device nodes out")
+    ready.add_argument(
+        "--whiteouts",
+        choices=["rename", "refuse"],
+        help="names starting with .wh. (docker import drops them): rename to _.wh.… or fail",
+    )
+    ready.add_argument("--report", metavar="FILE", help="write a JSON ledger of every change")
     prog = conv.add_mutually_exclusive_group()
     prog.add_argument(
         "--progress", action="store_true", help="show progress even when stderr is no terminal"
@@ -204,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     insp.add_argument("sources", nargs="+", metavar="SOURCE", help="the VM image")
     insp.add_argument("--json", action="store_true", help="machine-readable output (schema 1)")
+    insp.add_argument(
+        "--container",
+        action="store_true",
+        help="the pre-flight report: big ids, devices, sockets, .wh. names, PAX needs, sparse "
+        "files, and whether the image will import under rootless podman / userns-remap",
+    )
     return parser
 
 
@@ -271,6 +311,16 @@ class _Progress:
 
 
 def _cmd_convert(args: argparse.Namespace, stderr: TextIO) -> int:
+    if args.dry_run:
+        from .profile import dry_run, select_operations
+
+        chosen = select_operations(args.profile, args.op, args.no_op)
+        with _open_guest(args, args.sources) as guest:
+            for line in dry_run(guest, chosen, exclude=args.exclude):
+                sys.stdout.write(line + "\n")
+        return 0
+    if not args.output:
+        raise UsageError("convert needs -o OUTPUT (a path, or - for stdout)")
     progress: _Progress | None = None
     if not args.quiet and (args.progress or stderr.isatty()):
         progress = _Progress(stderr, force=args.progress)
@@ -285,6 +335,13 @@ def _cmd_convert(args: argparse.Namespace, stderr: TextIO) -> int:
             verify_manifest=not args.no_manifest_check,
             allow_external=args.allow_external_files,
             on_progress=progress,
+            profile=args.profile,
+            ops=args.op,
+            no_ops=args.no_op,
+            ids=args.ids,
+            devices="drop" if args.drop_devices else "keep",
+            whiteouts=args.whiteouts or "keep",
+            report=args.report,
         )
     finally:
         if progress is not None:
@@ -361,6 +418,12 @@ def _print_inspect(info: dict[str, Any], out: TextIO) -> None:
 
 def _cmd_inspect(args: argparse.Namespace, stdout: TextIO) -> int:
     with _open_guest(args, args.sources) as guest:
+        if args.container:
+            from .preflight import preflight
+
+            found = preflight(guest)
+            stdout.write((found.to_json() if args.json else found.to_text()) + "\n")
+            return 0
         info = guest.inspect()
     if args.json:
         json.dump(info, stdout, indent=2)
