@@ -58,6 +58,9 @@ examples:
   ova2img convert vm.ova -o rootfs.tar.zst --exclude '/var/cache/apt/*' --exclude '*.pyc'
   ova2img convert disk1.vmdk disk2.vmdk --root UUID=0a1b… -o rootfs.tar
   ova2img convert vm.ova -o - | docker import - vm:1.0
+  ova2img convert vm.ova --docker vm:1.0              # straight into the engine, with a config
+  ova2img convert vm.ova --format docker-archive -o - | docker load
+  ova2img convert vm.ova --format oci -o vm.oci.tar   # skopeo copy oci-archive:vm.oci.tar …
 """
 
 
@@ -129,10 +132,29 @@ def build_parser() -> argparse.ArgumentParser:
         "compressed. Written under a temporary name and renamed when complete.",
     )
     conv.add_argument(
+        "--docker",
+        metavar="REPO[:TAG]",
+        help="stream the image into the Docker engine at DOCKER_HOST instead of writing -o "
+        "(with a useful config: Cmd from root's shell, PATH, labels, the guest's architecture)",
+    )
+    conv.add_argument(
         "--format",
-        choices=["rootfs"],
+        choices=["rootfs", "docker-archive", "oci"],
         default="rootfs",
-        help="what to write: rootfs = a `docker import` tarball (default)",
+        help="rootfs = a `docker import` tarball (default); docker-archive = what `docker load` "
+        "takes; oci = an OCI image layout as a tar (skopeo oci-archive:)",
+    )
+    conv.add_argument(
+        "--change",
+        action="append",
+        default=[],
+        metavar="INSTR",
+        help="a Dockerfile instruction for the image config, as docker import takes them: CMD, "
+        "ENTRYPOINT, ENV, WORKDIR, USER, LABEL, EXPOSE, VOLUME, STOPSIGNAL. Repeatable.",
+    )
+    conv.add_argument("--tag", metavar="REPO[:TAG]", help="the name recorded in an image archive")
+    conv.add_argument(
+        "--gzip-layer", action="store_true", help="--format oci: compress the layer blob"
     )
     conv.add_argument(
         "--exclude",
@@ -319,8 +341,17 @@ def _cmd_convert(args: argparse.Namespace, stderr: TextIO) -> int:
             for line in dry_run(guest, chosen, exclude=args.exclude):
                 sys.stdout.write(line + "\n")
         return 0
-    if not args.output:
-        raise UsageError("convert needs -o OUTPUT (a path, or - for stdout)")
+    if args.docker and args.output:
+        raise UsageError("give either -o OUTPUT or --docker REPO[:TAG], not both")
+    if not args.output and not args.docker:
+        raise UsageError("convert needs -o OUTPUT (a path, or - for stdout) or --docker REPO[:TAG]")
+    image_mode = bool(args.docker) or args.format != "rootfs"
+    if image_mode and (
+        args.profile or args.op or args.ids or args.drop_devices or args.whiteouts or args.report
+    ):
+        raise UsageError("the container-ready options work with --format rootfs for now")
+    if image_mode:
+        return _convert_image(args, stderr)
     progress: _Progress | None = None
     if not args.quiet and (args.progress or stderr.isatty()):
         progress = _Progress(stderr, force=args.progress)
@@ -355,6 +386,44 @@ def _cmd_convert(args: argparse.Namespace, stderr: TextIO) -> int:
             result.data_bytes / 1e6,
             len(result.warnings),
         )
+    return 0
+
+
+def _convert_image(args: argparse.Namespace, stderr: TextIO) -> int:
+    from . import images
+
+    common: dict[str, Any] = {
+        "changes": args.change,
+        "exclude": args.exclude,
+        "path": args.path,
+        "root": args.root,
+        "use_fstab": not args.no_fstab,
+        "verify_manifest": not args.no_manifest_check,
+        "allow_external": args.allow_external_files,
+    }
+    progress: _Progress | None = None
+    if not args.quiet and (args.progress or stderr.isatty()):
+        progress = _Progress(stderr, force=args.progress)
+    try:
+        if args.docker:
+            engine = images.convert_to_engine(
+                args.sources, args.docker, on_progress=progress, **common
+            )
+            log.info("loaded %s (%s) into %s", engine.repo_tag, engine.image_id, engine.docker_host)
+        else:
+            image = images.convert_to_image(
+                args.sources,
+                args.output,
+                format=args.format,
+                repo_tag=args.tag,
+                gzip_layer=args.gzip_layer,
+                on_progress=progress,
+                **common,
+            )
+            log.info("wrote %s image %s", image.format, image.manifest_digest)
+    finally:
+        if progress is not None:
+            progress.close()
     return 0
 
 
