@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,9 +118,18 @@ def image(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     # A fragmented file: fill the volume with small files, delete every other one, then copy a
     # file that needs the holes (it also leaves deleted 0xE5 entries behind).
     cluster = int(mtools(img, "minfo", "::").split("cluster size: ")[1].split()[0]) * 512
-    mtools(img, "mmd", "::/frag")
     holes = src / "frag"
     holes.mkdir()
+    while True:
+        # mmd stamps the new directory with the current time, at FAT's 2-second resolution:
+        # retry until no 2-second boundary falls inside the call, so that we know that time.
+        before = time.time()
+        mtools(img, "mmd", "::/frag")
+        after = time.time()
+        if int(before) // 2 == int(after) // 2:
+            break
+        mtools(img, "mrd", "::/frag")
+    made = int(before) // 2 * 2
     for i in range(12):
         filler = base / f"f{i:02d}"
         filler.write_bytes(rnd.randbytes(cluster))
@@ -135,6 +145,7 @@ def image(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     for f in holes.iterdir():
         os.utime(f, (T_2001, T_2001))
         mtools(img, "mcopy", "-m", "-o", str(f), f"::/frag/{f.name}")  # re-stamp the mtime
+    os.utime(holes, (made, made))  # the source tree says what mmd stored
     mtools(img, "mattrib", "+r", "::/readonly.cfg")
     mtools(img, "mattrib", "+r", "::/RODIR")
     mtools(img, "mattrib", "+h", "+s", "::/hidden.sys")
