@@ -26,7 +26,7 @@ def test_help_explains_with_examples(capsys: pytest.CaptureFixture[str]) -> None
 
 def test_usage_error_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["convert", "x.ova"]) == 2  # -o missing
-    assert "usage error" in capsys.readouterr().err
+    assert "usage" in capsys.readouterr().err
     assert main(["frobnicate"]) == 2
     assert main([]) == 2
 
