@@ -7,6 +7,7 @@ import struct
 import zlib
 from typing import BinaryIO, cast
 
+from .._stream import PositionedReader
 from ..errors import DiskError, Ova2imgError
 
 # What a dissect parser raises on bad bytes; wrapped into DiskError at the read boundary.
@@ -37,7 +38,7 @@ def describe(err: BaseException) -> str:
     return "malformed data"
 
 
-class DiskStream(io.RawIOBase):
+class DiskStream(PositionedReader):
     """A read-only, seekable stream of ``size`` bytes; subclasses implement :meth:`_pread`.
 
     Every read returns exactly ``min(n, size - position)`` bytes (zeros where the image is
@@ -45,38 +46,9 @@ class DiskStream(io.RawIOBase):
     format (a truncated image file) is an error, never silently short data.
     """
 
-    def __init__(self, size: int, label: str) -> None:
-        super().__init__()
-        self.size = size
-        self.label = label
-        self._pos = 0
-
     def _pread(self, offset: int, length: int) -> bytes:
         """Return ``length`` bytes at ``offset`` (both within the disk)."""
         raise NotImplementedError
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        if whence == io.SEEK_SET:
-            new = pos
-        elif whence == io.SEEK_CUR:
-            new = self._pos + pos
-        elif whence == io.SEEK_END:
-            new = self.size + pos
-        else:
-            raise ValueError(f"invalid whence {whence}")
-        if new < 0:
-            raise ValueError(f"negative seek position {new}")
-        self._pos = new
-        return new
 
     def pread(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset`` without moving the position (clamped to the disk)."""
@@ -100,25 +72,6 @@ class DiskStream(io.RawIOBase):
                 offset=offset,
             )
         return data
-
-    def read(self, size: int | None = -1) -> bytes:
-        if size is None or size < 0:
-            size = self.size - self._pos
-        data = self.pread(self._pos, size)
-        self._pos += len(data)
-        return data
-
-    def readall(self) -> bytes:
-        return self.read(-1)
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        data = self.read(len(buffer))
-        memoryview(buffer)[: len(data)] = data
-        return len(data)
-
-    def as_binary(self) -> BinaryIO:
-        """This stream typed as the :class:`typing.BinaryIO` the layers pass around."""
-        return cast(BinaryIO, self)
 
 
 class RawStream(DiskStream):
