@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from typing import BinaryIO, cast
 
 
@@ -65,3 +66,32 @@ class PositionedReader(io.RawIOBase):
     def as_binary(self) -> BinaryIO:
         """This stream typed as the :class:`typing.BinaryIO` the layers pass around."""
         return cast(BinaryIO, self)
+
+
+def pread_of(stream: BinaryIO) -> Callable[[int, int], bytes]:
+    """A ``pread(offset, length)`` over *stream*: its own when it is a :class:`PositionedReader`
+    (no seek, no buffering layer in between), else ``seek`` + ``read`` (foreign streams)."""
+    if isinstance(stream, PositionedReader):
+        return stream.pread
+
+    def pread(offset: int, length: int) -> bytes:
+        stream.seek(offset)
+        return stream.read(length)
+
+    return pread
+
+
+class RangeReader(PositionedReader):
+    """``size`` bytes of *parent* from ``start`` on (a partition of a disk, a file system's
+    data area): reads go straight to the parent's :meth:`~PositionedReader.pread`."""
+
+    def __init__(self, parent: BinaryIO, start: int, size: int, label: str = "") -> None:
+        super().__init__(size, label or getattr(parent, "label", ""))
+        self._parent_pread = pread_of(parent)
+        self._start = start
+
+    def pread(self, offset: int, length: int) -> bytes:
+        length = max(0, min(length, self.size - offset))
+        if length == 0:
+            return b""
+        return self._parent_pread(self._start + offset, length)

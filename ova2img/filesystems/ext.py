@@ -24,10 +24,11 @@ from uuid import UUID
 from dissect.extfs import ExtFS
 from dissect.extfs.c_jdb2 import c_jdb2
 from dissect.extfs.exceptions import Error as DissectExtError
-from dissect.util.stream import AlignedStream, RunlistStream
+from dissect.util.stream import AlignedStream
 
 from ..errors import FilesystemError, Ova2imgError, UnsupportedError
 from ._posix_acl import AclFormatError, ext_acl_to_xattr
+from ._runlist import RunlistReader
 from .base import DataRun, Entry, EntryType, Filesystem
 
 __all__ = ["ExtFilesystem"]
@@ -729,7 +730,7 @@ class ExtFilesystem(Filesystem):
             return io.BytesIO(self._inline_content(ino))
         if fmt == _stat.S_IFLNK and self._is_fast_symlink(ino):
             return io.BytesIO(ino.i_block[: ino.size])
-        stream: BinaryIO = RunlistStream(self._fh, self._runlist(ino), ino.size, self.block_size)
+        stream = RunlistReader(self._fh, self._runlist(ino), ino.size, self.block_size).as_binary()
         return stream
 
     def _data_runs(self, inum: int) -> list[DataRun] | None:

@@ -40,9 +40,10 @@ from typing import BinaryIO, TypeVar
 
 from dissect.fat import FATFS
 from dissect.fat.exceptions import Error as DissectFatError
-from dissect.util.stream import RangeStream, RunlistStream
 
+from .._stream import RangeReader
 from ..errors import FilesystemError, Ova2imgError, UnsupportedError
+from ._runlist import RunlistReader
 from .base import DataRun, Entry, EntryType, Filesystem
 
 __all__ = ["VfatFilesystem", "VfatOptions", "parse_vfat_options"]
@@ -454,8 +455,7 @@ class _Volume:
         return runs
 
     def data_stream(self) -> BinaryIO:
-        stream: BinaryIO = RangeStream(self.fh, self.data_offset, self.size - self.data_offset)
-        return stream
+        return RangeReader(self.fh, self.data_offset, self.size - self.data_offset).as_binary()
 
     # -- directories -----------------------------------------------------------------------------
 
@@ -786,10 +786,9 @@ class VfatFilesystem(Filesystem):
         if clusters * self._vol.cluster_size < size:
             # fat_bmap_cluster(): "request beyond EOF"
             raise _Corrupt(f"{size}-byte file has only {clusters} clusters")
-        stream: BinaryIO = RunlistStream(
+        return RunlistReader(
             self._vol.data_stream(), runs, size, self._vol.cluster_size
-        )
-        return stream
+        ).as_binary()
 
     # -- names ---------------------------------------------------------------------------------
 

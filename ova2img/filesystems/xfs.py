@@ -24,12 +24,12 @@ from functools import lru_cache
 from typing import BinaryIO, TypeVar
 from uuid import UUID
 
-from dissect.util.stream import RunlistStream
 from dissect.xfs import XFS
 from dissect.xfs.exceptions import Error as DissectXfsError
 
 from ..errors import FilesystemError, Ova2imgError, UnsupportedError
 from ._posix_acl import ACL_GROUP, ACL_UNDEFINED_ID, ACL_USER, AclFormatError, xattr_acl
+from ._runlist import RunlistReader
 from .base import DataRun, Entry, EntryType, Filesystem
 
 __all__ = ["XfsFilesystem"]
@@ -904,7 +904,7 @@ class XfsFilesystem(Filesystem):
             pos = ext.logical + length
         if pos < nblocks:
             runs.append((None, nblocks - pos))
-        stream: BinaryIO = RunlistStream(self._fh, runs, ino.size, bs)
+        stream = RunlistReader(self._fh, runs, ino.size, bs).as_binary()
         return stream
 
     def _data_runs(self, inum: int) -> list[DataRun] | None:

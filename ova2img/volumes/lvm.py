@@ -14,9 +14,7 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from dissect.util.stream import AlignedStream
-from dissect.volume.lvm.physical import LVM2Device, parse_metadata
-
+from .._stream import PositionedReader, pread_of
 from ..errors import UnsupportedError, VolumeError
 from .base import Volume
 
@@ -42,7 +40,7 @@ class PhysicalVolumeInfo:
     vg_name: str
 
 
-def _metadata_text(dev: LVM2Device, fh: BinaryIO, size: int, where: str) -> str | None:
+def _metadata_text(dev: Any, fh: BinaryIO, size: int, where: str) -> str | None:
     """Read the current metadata text of a PV, following a wrap-around of the circular
     buffer (LVM2 format_text: text past the area's end continues after the mda header)."""
     for header, locns in dev._metadata_areas:
@@ -74,6 +72,9 @@ def _metadata_text(dev: LVM2Device, fh: BinaryIO, size: int, where: str) -> str 
 def read_pv(volume: Volume) -> PhysicalVolumeInfo | None:
     """Parse the LVM label and metadata of a PV, or ``None`` for a PV without metadata
     (``pvcreate --metadatacopies 0``: its VG is described by the other PVs)."""
+    # Imported here: dissect.volume.lvm takes ~50 ms to import, paid only for LVM disks.
+    from dissect.volume.lvm.physical import LVM2Device, parse_metadata
+
     where = volume.name
     try:
         dev = LVM2Device(volume.stream)
@@ -107,24 +108,25 @@ class _Piece:
         self.stripe_bytes = stripe_bytes  # chunk size; 0 for a single (linear) stripe
 
 
-class LogicalVolumeStream(AlignedStream):  # type: ignore[misc]  # dissect is untyped
+class LogicalVolumeStream(PositionedReader):
     """The bytes of an LV: its segments mapped onto PV extents, stripes interleaved as the
     kernel's dm-stripe target does (chunk *i* of a segment lives on stripe ``i % n``, at row
     ``i // n``)."""
 
-    def __init__(self, pieces: list[_Piece], size: int) -> None:
+    def __init__(self, pieces: list[_Piece], size: int, label: str = "") -> None:
+        super().__init__(size, label)
         self._pieces = sorted(pieces, key=lambda p: p.lv_offset)
         self._starts = [p.lv_offset for p in self._pieces]
-        super().__init__(size)
+        self._preads = {id(fh): pread_of(fh) for p in self._pieces for fh, _ in p.stripes}
 
-    def _read(self, offset: int, length: int) -> bytes:
-        out = bytearray()
-        end = min(offset + length, self.size or 0)
+    def pread(self, offset: int, length: int) -> bytes:
+        parts: list[bytes] = []
+        end = min(offset + length, self.size)
         while offset < end:
             idx = bisect_right(self._starts, offset) - 1
             piece = self._pieces[idx] if idx >= 0 else None
             if piece is None or offset >= piece.lv_offset + piece.length:
-                raise VolumeError(f"LV offset {offset} is mapped by no segment")
+                raise VolumeError(f"LV offset {offset} is mapped by no segment", obj=self.label)
             rel = offset - piece.lv_offset
             if piece.stripe_bytes == 0:
                 fh, base = piece.stripes[0]
@@ -136,13 +138,14 @@ class LogicalVolumeStream(AlignedStream):  # type: ignore[misc]  # dissect is un
                 fh, base = piece.stripes[stripe]
                 n = min(end - offset, piece.stripe_bytes - within)
                 pv_off = base + row * piece.stripe_bytes + within
-            fh.seek(pv_off)
-            data = fh.read(n)
+            data = self._preads[id(fh)](pv_off, n)
             if len(data) != n:
-                raise VolumeError(f"LV data beyond the end of its physical volume at {pv_off}")
-            out += data
+                raise VolumeError(
+                    f"LV data beyond the end of its physical volume at {pv_off}", obj=self.label
+                )
+            parts.append(data)
             offset += n
-        return bytes(out)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _mapper_name(vg: str, lv: str) -> str:
@@ -259,7 +262,7 @@ def _open_lv(
         types.append("linear" if count == 1 else "striped")
         total = max(total, start + length)
     assert first_pv is not None
-    stream = LogicalVolumeStream(pieces, total)
+    stream = LogicalVolumeStream(pieces, total, f"LV {vg_name}/{lv_name}").as_binary()
     kinds = "+".join(dict.fromkeys(types))
     return Volume(
         name=name,

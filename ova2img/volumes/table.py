@@ -12,8 +12,7 @@ import itertools
 import logging
 from collections.abc import Callable
 
-from dissect.util.stream import RangeStream
-
+from .._stream import RangeReader
 from ..disks.base import VirtualDisk
 from ..errors import VolumeError
 from .base import Volume
@@ -125,7 +124,7 @@ def _whole_disk(disk: VirtualDisk, name: str) -> Volume:
         number=0,
         offset=0,
         size=disk.size,
-        stream=RangeStream(disk.stream, 0, disk.size),
+        stream=RangeReader(disk.stream, 0, disk.size).as_binary(),
         scheme="none",
     )
 
@@ -185,7 +184,7 @@ def _mbr_volumes(disk: VirtualDisk, name: str, table: MBRTable) -> list[Volume]:
                 number=p.number,
                 offset=offset,
                 size=size,
-                stream=RangeStream(disk.stream, offset, size),
+                stream=RangeReader(disk.stream, offset, size).as_binary(),
                 scheme="mbr",
                 type=f"{p.type:#04x}",
                 # libblkid dos.c: PARTUUID is "%08x-%02x" of the disk signature and the
@@ -229,7 +228,7 @@ def _gpt_volumes(disk: VirtualDisk, name: str, table: GPTTable) -> list[Volume]:
                 number=p.number,
                 offset=offset,
                 size=size,
-                stream=RangeStream(disk.stream, offset, size),
+                stream=RangeReader(disk.stream, offset, size).as_binary(),
                 scheme="gpt",
                 type=p.type_guid,
                 partuuid=p.guid,
