@@ -23,15 +23,13 @@ for reads made later through a disk's stream.
 
 from __future__ import annotations
 
+import functools
 import posixpath
 import struct
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
-
-from dissect.vmfs import lvm, vmfs
-from dissect.vmfs.exception import Error as VmfsError
 
 from ..errors import SourceError, UnsupportedError
 from .base import DiskFile, Source
@@ -40,8 +38,7 @@ from .packed import _Readable
 from .vmx import MAX_VMX_SIZE, parse_vmx, vmx_disks
 from .window import Window
 
-VMFS_ERRORS: tuple[type[BaseException], ...] = (
-    VmfsError,
+_DECODE_ERRORS: tuple[type[BaseException], ...] = (
     EOFError,
     OSError,
     ValueError,
@@ -50,6 +47,23 @@ VMFS_ERRORS: tuple[type[BaseException], ...] = (
     struct.error,
     NotImplementedError,
 )
+
+
+@functools.cache
+def _dissect_vmfs() -> tuple[Any, Any, tuple[type[BaseException], ...]]:
+    """dissect.vmfs's ``lvm`` and ``vmfs`` modules and the errors its parsing raises, imported
+    on first use: the package takes ~0.1 s to import, which a conversion of an OVA, a VMDK or
+    anything but a VMFS datastore should not pay."""
+    from dissect.vmfs import lvm, vmfs
+    from dissect.vmfs.exception import Error as VmfsError
+
+    return lvm, vmfs, (VmfsError, *_DECODE_ERRORS)
+
+
+def _vmfs_errors() -> tuple[type[BaseException], ...]:
+    return _dissect_vmfs()[2]
+
+
 MAX_WALK_ENTRIES = 100_000
 MAX_WALK_DEPTH = 16
 # Extent and sidecar files of a disk: not disks of their own (VMware's naming).
@@ -136,7 +150,7 @@ class _Guarded(_Readable):
         try:
             self._inner.seek(offset)
             data: bytes = self._inner.read(length)
-        except VMFS_ERRORS as err:
+        except _vmfs_errors() as err:
             raise SourceError(
                 f"VMFS read failed: {_describe(err)}", obj=self.label, offset=offset
             ) from err
@@ -178,6 +192,7 @@ class Datastore:
     def _try(self, fh: BinaryIO, errors: list[str]) -> Any:
         """A VMFS on ``fh``: an LVM device (an ESXi VMFS partition) or a bare volume."""
         try:
+            lvm, vmfs, _ = _dissect_vmfs()
             volumes = lvm.LVM(fh).volumes
             if len(volumes) != 1:
                 raise UnsupportedError(
@@ -187,11 +202,11 @@ class Datastore:
             return vmfs.VMFS(volumes[0].open())
         except UnsupportedError:
             raise
-        except VMFS_ERRORS as err:
+        except _vmfs_errors() as err:
             errors.append(f"LVM: {_describe(err)}")
         try:
-            return vmfs.VMFS(fh)
-        except VMFS_ERRORS as err:
+            return _dissect_vmfs()[1].VMFS(fh)
+        except _vmfs_errors() as err:
             errors.append(f"VMFS: {_describe(err)}")
         return None
 
@@ -236,7 +251,7 @@ class Datastore:
         """
         try:
             return self.fs.get(path)
-        except VMFS_ERRORS as err:
+        except _vmfs_errors() as err:
             raise SourceError(f"no file {path!r} on the datastore", obj=self.label) from err
 
     def open_file(self, path: str) -> tuple[int, Callable[[], BinaryIO]]:
@@ -255,14 +270,14 @@ class Datastore:
             if not fd.is_file():
                 raise SourceError(f"{path} is not a regular file", obj=self.label)
             size = int(fd.size)
-        except VMFS_ERRORS as err:
+        except _vmfs_errors() as err:
             raise SourceError(f"{path}: {_describe(err)}", obj=self.label) from err
         label = f"{self.label}:{path}"
 
         def opener() -> BinaryIO:
             try:
                 inner = fd.open()
-            except VMFS_ERRORS as err:
+            except _vmfs_errors() as err:
                 raise SourceError(f"{_describe(err)}", obj=label) from err
             return _Guarded(inner, size, label).as_binary()
 
@@ -285,7 +300,7 @@ class Datastore:
             nonlocal count
             try:
                 entries = sorted(fd.listdir().items())
-            except VMFS_ERRORS as err:
+            except _vmfs_errors() as err:
                 raise SourceError(
                     f"cannot list {path!r}: {_describe(err)}", obj=self.label
                 ) from err
@@ -302,7 +317,7 @@ class Datastore:
                         continue
                     is_dir = bool(child.is_dir())
                     size = int(child.size)
-                except VMFS_ERRORS as err:
+                except _vmfs_errors() as err:
                     raise SourceError(f"{full}: {_describe(err)}", obj=self.label) from err
                 yield full, size, is_dir
                 if is_dir and depth < MAX_WALK_DEPTH:
