@@ -5,13 +5,14 @@ tree the guest would see, in a deterministic order.
 from __future__ import annotations
 
 import fnmatch
+import io
 import logging
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
-from .errors import AssemblyError, FilesystemError, Ova2imgError
+from .errors import AssemblyError, DiskError, FilesystemError, Ova2imgError, VolumeError
 from .filesystems.base import DataRun, Entry, EntryType, Filesystem
 from .volumes.base import Volume
 
@@ -283,10 +284,41 @@ def _describe(g: GuestFilesystem) -> str:
     return " ".join(bits)
 
 
-def _fstab_of(view: Filesystem) -> list[FstabEntry] | None:
+def _fstab_of(view: Filesystem, *, strict: bool = False) -> list[FstabEntry] | None:
+    """The parsed ``/etc/fstab`` of *view*, or ``None`` when it has none.
+
+    Args:
+        strict: for the chosen root: an ``/etc/fstab`` that exists but cannot be read (a
+            symlink loop, a damaged inode) is an error rather than no fstab, since converting
+            without the filesystems it mounts would silently leave them out.
+
+    Raises:
+        AssemblyError: (*strict*) the fstab's symlinks loop.
+        FilesystemError: (*strict*) the fstab cannot be read, or the root directory.
+    """
+    if strict:
+        view.stat(view.root())  # a broken root is named as such, not as a broken fstab
     try:
         return parse_fstab(view.read_file(b"/etc/fstab"))
-    except (FileNotFoundError, Ova2imgError):
+    except FileNotFoundError as exc:
+        if strict and "too many symlinks" in str(exc):
+            raise AssemblyError(
+                "/etc/fstab of the root filesystem cannot be read: too many levels of symbolic "
+                "links (a symlink loop); use --no-fstab to convert the root filesystem alone"
+            ) from None
+        return None
+    except FilesystemError as exc:
+        if strict:
+            where = f"{exc.obj}: " if exc.obj else ""
+            raise FilesystemError(
+                f"/etc/fstab of the root filesystem cannot be read ({where}{exc.message}); "
+                "use --no-fstab to convert the root filesystem alone",
+                offset=exc.offset,
+            ) from exc
+        return None
+    except Ova2imgError:
+        if strict:
+            raise
         return None
 
 
@@ -376,7 +408,7 @@ def apply_fstab(
     """
     root.mountpoints = [b"/"]
     mounts: dict[bytes, Mount] = {b"/": Mount(b"/", root, root_view, 0)}
-    entries = _fstab_of(root_view) if use_fstab else None
+    entries = _fstab_of(root_view, strict=True) if use_fstab else None
     next_id = 0
     for e in entries or []:
         if _skipped_entry(e):
@@ -465,8 +497,147 @@ class Excluder:
                 return False
 
 
+class _Leniency:
+    """What a ``lenient`` walk left out or filled in, and the warnings saying so."""
+
+    def __init__(self) -> None:
+        self.skipped = 0
+        self.damaged = 0
+
+    def skip(self, path: bytes, err: Ova2imgError, what: str = "") -> None:
+        self.skipped += 1
+        log.warning(
+            "cannot read /%s%s: %s; skipped (--lenient)",
+            path.decode(errors="replace"),
+            what,
+            err,
+        )
+
+    def damage(self, path: bytes, pos: int, size: int, err: Exception | None) -> None:
+        self.damaged += 1
+        why = f"{err}" if err is not None else "the data ends before the file's size"
+        log.warning(
+            "/%s: content unreadable from byte %d of %d (%s); the rest is written as zeros "
+            "(--lenient)",
+            path.decode(errors="replace"),
+            pos,
+            size,
+            why,
+        )
+
+    def summary(self) -> None:
+        if self.skipped or self.damaged:
+            damaged = f", {self.damaged} damaged file(s) filled with zeros" if self.damaged else ""
+            log.warning("--lenient: skipped %d unreadable entries%s", self.skipped, damaged)
+
+
+#: what may fail while a single entry is read, and be skipped by a lenient walk
+_ENTRY_ERRORS = (FilesystemError, DiskError, VolumeError)
+#: what may fail while a file's content is read (a library's decoding error, an I/O error)
+_READ_ERRORS = (FilesystemError, DiskError, VolumeError, OSError, EOFError)
+#: the granularity at which a lenient read finds where a file's content stops being readable
+_PIECE = 4096
+
+
+class _ZeroFilled(io.RawIOBase):
+    """A file's content stream that never fails nor ends early (``--lenient``): from a read
+    that raises, or that ends before the file's size, the rest reads as zeros and the file is
+    reported as damaged. The tar member keeps the size its header announced, so the archive
+    stays aligned."""
+
+    def __init__(self, inner: BinaryIO, path: bytes, size: int, report: _Leniency) -> None:
+        super().__init__()
+        self._inner = inner
+        self._path = path
+        self._size = size
+        self._report = report
+        self._pos = 0
+        self._failed = False
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def read(self, n: int | None = -1) -> bytes:
+        left = max(0, self._size - self._pos)
+        n = left if n is None or n < 0 else min(n, left)
+        if not n:
+            return b""
+        data = b""
+        if not self._failed:
+            try:
+                self._inner.seek(self._pos)
+                data = bytes(self._inner.read(n))
+            except _READ_ERRORS:
+                data = self._salvage(n)
+            else:
+                if len(data) < n:
+                    self._fail(None, self._pos + len(data))
+        data += bytes(n - len(data))
+        self._pos += n
+        return data
+
+    def _salvage(self, n: int) -> bytes:
+        """After a failed read of *n* bytes: what can be read of them in 4 KiB pieces, up to
+        the first piece that fails (from there on the file is zeros)."""
+        parts: list[bytes] = []
+        pos, end = self._pos, self._pos + n
+        while pos < end:
+            try:
+                self._inner.seek(pos)
+                piece = bytes(self._inner.read(min(_PIECE, end - pos)))
+            except _READ_ERRORS as exc:
+                self._fail(exc, pos)
+                break
+            if not piece:
+                self._fail(None, pos)
+                break
+            parts.append(piece)
+            pos += len(piece)
+        return b"".join(parts)
+
+    def _fail(self, err: Exception | None, pos: int | None = None) -> None:
+        self._failed = True
+        self._report.damage(self._path, self._pos if pos is None else pos, self._size, err)
+
+    def close(self) -> None:
+        try:
+            self._inner.close()
+        finally:
+            super().close()
+
+
+class _LenientItem(TreeItem):
+    """A :class:`TreeItem` whose content stream is :class:`_ZeroFilled`."""
+
+    __slots__ = ("report",)
+    report: _Leniency
+
+    def open(self) -> BinaryIO:
+        try:
+            inner = self.fs.open(self.handle)
+        except _ENTRY_ERRORS as exc:  # checked before the item was yielded: rare
+            inner = io.BytesIO()
+            self.report.damage(self.path, 0, self.entry.size, exc)
+        return cast(BinaryIO, _ZeroFilled(inner, self.path, self.entry.size, self.report))
+
+
 def walk_tree(
-    mounts: dict[bytes, Mount], *, exclude: Iterable[str] = (), start: bytes = b""
+    mounts: dict[bytes, Mount],
+    *,
+    exclude: Iterable[str] = (),
+    start: bytes = b"",
+    lenient: bool = False,
 ) -> Iterator[TreeItem]:
     """Walk the assembled tree depth-first, children sorted by name (bytes), deterministically.
 
@@ -478,11 +649,20 @@ def walk_tree(
         exclude: GNU-tar-style globs of paths to leave out (matched against the paths yielded).
         start: walk only the subtree at this guest path (relative, without symlinks, as
             :meth:`ova2img.Guest.resolve` returns it); yielded paths are relative to it.
+        lenient: an entry whose metadata or listing cannot be read (a :class:`FilesystemError`
+            or a disk/volume read error), an invalid name, a directory loop or absurd nesting
+            is left out (with its subtree) with a warning, instead of failing the walk; a regular
+            file's data runs are checked before it is yielded, and content that fails to read
+            later is written as zeros with a warning (see :class:`_ZeroFilled`). A summary
+            warning ends the walk. The roots of the mounts stay fatal.
 
     Raises:
-        FilesystemError: an invalid name in a directory, a directory loop, absurd nesting.
+        FilesystemError: an invalid name in a directory, a directory loop, absurd nesting (not
+            with *lenient*, except at a mount's root).
     """
     excluded = Excluder(exclude)
+    excluding = bool(excluded)  # no patterns: skip the per-path check (~12 us a path)
+    report = _Leniency() if lenient else None
     by_path = {mp.strip(b"/"): g for mp, g in mounts.items()}
     start = start.strip(b"/")
     g0, h0 = resolve_in_mounts(mounts, start)
@@ -496,41 +676,38 @@ def walk_tree(
     while stack:
         path, g, handle, depth = stack.pop()
         rel = path[cut:]
-        if rel and excluded(rel):
+        if excluding and rel and excluded(rel):
             continue
         mounted = by_path.get(path)
+        is_root = not depth
         if mounted is not None and mounted is not g:
             g, handle = mounted, mounted.fs.root()
             visited.add(path)
-        entry = g.fs.stat(handle)
-        yield TreeItem(rel, entry, g.fs, g.fs_id, handle)
+            is_root = True
+        try:
+            entry = g.fs.stat(handle)
+            if is_root and not path and entry.type is not EntryType.DIR:
+                raise FilesystemError(
+                    f"the root directory (inode {entry.inode} on {g.name}) is not a directory"
+                )
+            if is_root and mounted is not None and entry.type is not EntryType.DIR:
+                raise FilesystemError(
+                    f"the root of {g.name}, mounted at /{path.decode(errors='replace')}, is "
+                    "not a directory"
+                )
+            item = TreeItem(rel, entry, g.fs, g.fs_id, handle)
+            if entry.type is EntryType.DIR:
+                children = _list_children(g, path, handle, entry, depth, branch, report)
+            elif report is not None and entry.type is EntryType.FILE:
+                item = _checked_file(item, report)
+        except _ENTRY_ERRORS as exc:
+            if report is None or is_root:
+                raise
+            report.skip(path, exc)
+            continue
+        yield item
         if entry.type is not EntryType.DIR:
             continue
-        if depth >= MAX_DEPTH:
-            raise FilesystemError(f"directory nesting deeper than {MAX_DEPTH} at /{path!r}")
-        del branch[depth:]
-        key = (g.fs_id, entry.inode)
-        if key in branch:
-            raise FilesystemError(
-                f"directory loop: /{path.decode(errors='replace')} is its own ancestor "
-                f"(inode {entry.inode} on {g.name})"
-            )
-        branch.append(key)
-        children: dict[bytes, object] = {}
-        for name, child in g.fs.iterdir(handle):
-            if _bad_name(name):
-                raise FilesystemError(
-                    f"directory /{path.decode(errors='replace')} (inode {entry.inode} on "
-                    f"{g.name}) has an invalid entry name {name!r}"
-                )
-            if name in children:
-                log.warning(
-                    "directory /%s lists %r twice; the first is kept",
-                    path.decode(errors="replace"),
-                    name,
-                )
-                continue
-            children[name] = child
         prefix = path + b"/" if path else b""
         for name in sorted(children, reverse=True):
             stack.append((prefix + name, g, children[name], depth + 1))
@@ -544,6 +721,56 @@ def walk_tree(
                 mp.decode(errors="replace"),
                 m.name,
             )
+    if report is not None:
+        report.summary()
+
+
+def _list_children(
+    g: Mount,
+    path: bytes,
+    handle: object,
+    entry: Entry,
+    depth: int,
+    branch: list[tuple[int, int]],
+    report: _Leniency | None,
+) -> dict[bytes, object]:
+    """The children of a directory by name, after the depth and loop checks (``branch``, the
+    directories on the current path, is updated)."""
+    shown = path.decode(errors="replace")
+    if depth >= MAX_DEPTH:
+        raise FilesystemError(f"directory nesting deeper than {MAX_DEPTH} at /{shown}")
+    del branch[depth:]
+    key = (g.fs_id, entry.inode)
+    if key in branch:
+        raise FilesystemError(
+            f"directory loop: /{shown} is its own ancestor (inode {entry.inode} on {g.name})"
+        )
+    children: dict[bytes, object] = {}
+    for name, child in g.fs.iterdir(handle):
+        if _bad_name(name):
+            err = FilesystemError(
+                f"directory /{shown} (inode {entry.inode} on {g.name}) has an invalid entry "
+                f"name {name!r}"
+            )
+            if report is None:
+                raise err
+            report.skip((path + b"/" if path else b"") + name.replace(b"/", b"\\x2f"), err)
+            continue
+        if name in children:
+            log.warning("directory /%s lists %r twice; the first is kept", shown, name)
+            continue
+        children[name] = child
+    branch.append(key)
+    return children
+
+
+def _checked_file(item: TreeItem, report: _Leniency) -> TreeItem:
+    """A regular file for a lenient walk: its data runs read (the extent tree or block map
+    validated) before its tar header can be written, its content stream zero-filled."""
+    item.data_runs()
+    checked = _LenientItem(item.path, item.entry, item.fs, item.fs_id, item.handle)
+    checked.report = report
+    return checked
 
 
 def resolve_in_mounts(mounts: dict[bytes, Mount], path: bytes) -> tuple[Mount, object]:

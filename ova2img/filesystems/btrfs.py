@@ -187,6 +187,12 @@ class _Core:
                 offset=_SB_OFFSET + 0x40,
                 obj=name,
             )
+        self._refuse_multi_device(stream, name)  # one device: stripe 0 of a chunk is ours
+        problem = _bad_chunk_tree(stream)
+        if problem:
+            raise FilesystemError(
+                f"invalid chunk or root tree: {problem}", offset=_SB_OFFSET, obj=name
+            )
         try:
             btrfs: Any = Btrfs(stream)
         except (DissectBtrfsError, EOFError, KeyError, ValueError, struct.error) as exc:
@@ -929,3 +935,109 @@ def _inode_number(tree: int, ino: int) -> int:
     if ino >> _INO_BITS:
         return (tree << 64) | ino | (1 << 127)  # never met in practice; still unique
     return (tree << _INO_BITS) | ino
+
+
+_CHUNK = struct.Struct("<QQQQIIIHH")  # struct btrfs_chunk, 48 bytes; then num_stripes stripes
+_STRIPE = struct.Struct("<QQ16s")  # struct btrfs_stripe: devid, offset, dev_uuid
+_DISK_KEY = struct.Struct("<QBQ")
+_CHUNK_ITEM_KEY = 228
+
+
+def _bad_chunk_tree(stream: BinaryIO) -> str | None:
+    """What is wrong with the chunk tree or the root tree, checked before dissect walks them
+    (both, when it opens a filesystem), or ``None``.
+
+    dissect's B-tree search loops forever on a node with no items and descends forever into a
+    node that points at itself. So every node of those two trees is checked here first, as the
+    kernel does (fs/btrfs/disk-io.c ``btrfs_validate_extent_buffer``, tree-checker.c): its
+    header names its own address and the filesystem, levels go down by one, the items fit the
+    block, no block is visited twice. The chunk tree lives in SYSTEM chunks, which the
+    superblock's ``sys_chunk_array`` maps; the root tree in chunks the chunk tree maps.
+    """
+    stream.seek(_SB_OFFSET)
+    sb = stream.read(4096)
+    if len(sb) < 0x32B + 2048:
+        return "superblock is truncated"
+    fsid = sb[0x20:0x30]
+    (root, chunk_root) = struct.unpack_from("<QQ", sb, 0x50)
+    (nodesize,) = struct.unpack_from("<I", sb, 0x94)
+    (array_size,) = struct.unpack_from("<I", sb, 0xA0)
+    root_level, chunk_level = sb[0xC6], sb[0xC7]
+    if sb[0xBC] & 0x400:  # INCOMPAT_METADATA_UUID: tree blocks carry metadata_uuid
+        fsid = sb[0x30B:0x31B]
+    if not 4096 <= nodesize <= 65536 or nodesize & (nodesize - 1):
+        return f"node size {nodesize}"
+    if array_size > 2048 or chunk_level > 7 or root_level > 7:
+        return f"sys_chunk_array of {array_size} bytes, tree levels {chunk_level}/{root_level}"
+    size = stream.seek(0, io.SEEK_END)
+    # logical start -> (length, physical) of each chunk, from stripe 0 (one device)
+    maps: list[tuple[int, int, int]] = []
+
+    def add_chunk(data: bytes, pos: int, end: int, logical: int) -> int | str:
+        if pos + _CHUNK.size > end:
+            return "a chunk item is truncated"
+        length, _owner, _slen, _type, _a, _w, _ss, stripes, _sub = _CHUNK.unpack_from(data, pos)
+        pos += _CHUNK.size
+        if not stripes or pos + stripes * _STRIPE.size > end:
+            return f"a chunk item with {stripes} stripes"
+        _devid, physical, _uuid = _STRIPE.unpack_from(data, pos)
+        maps.append((logical, length, physical))
+        return int(pos + stripes * _STRIPE.size)
+
+    array = sb[0x32B : 0x32B + array_size]
+    pos = 0
+    while pos < array_size:
+        if pos + _DISK_KEY.size > array_size:
+            return "sys_chunk_array ends inside an entry"
+        _oid, ktype, logical = _DISK_KEY.unpack_from(array, pos)
+        if ktype != _CHUNK_ITEM_KEY:
+            return f"sys_chunk_array entry of type {ktype}"
+        got = add_chunk(array, pos + _DISK_KEY.size, array_size, logical)
+        if isinstance(got, str):
+            return got
+        pos = got
+
+    def physical_of(logical: int) -> int | None:
+        for start, length, physical in maps:
+            if start <= logical and logical + nodesize <= start + length:
+                return physical + logical - start
+        return None
+
+    seen: set[int] = set()
+
+    def walk(top: int, top_level: int, chunks: bool) -> str | None:
+        todo = [(top, top_level)]
+        while todo:
+            address, want_level = todo.pop()
+            if address in seen or len(seen) > 4096:
+                return f"tree block {address:#x} is reached twice (a loop), or the tree is absurd"
+            seen.add(address)
+            at = physical_of(address)
+            if at is None or at + nodesize > size:
+                return f"tree block {address:#x} is not in a chunk on this volume"
+            stream.seek(at)
+            raw = stream.read(nodesize)
+            _c, bfsid, bytenr, _f, _ctu, _gen, _own, nritems, level = _HEADER.unpack_from(raw)
+            if bytenr != address or bfsid != fsid or level != want_level:
+                return (
+                    f"tree block {address:#x} has a foreign header (bytenr {bytenr:#x}, level "
+                    f"{level}, expected {want_level})"
+                )
+            per = _KEY_PTR.size if level else _ITEM.size
+            if not nritems or _HEADER.size + nritems * per > nodesize:
+                return f"tree block {address:#x} holds {nritems} items"
+            body = raw[_HEADER.size : _HEADER.size + nritems * per]
+            if level:
+                todo += [(ptr, level - 1) for _o, _t, _k, ptr, _g in _KEY_PTR.iter_unpack(body)]
+                continue
+            for _o, ktype, koff, doff, dsize in _ITEM.iter_unpack(body):
+                if _HEADER.size + doff + dsize > nodesize:
+                    return f"tree leaf {address:#x}: an item's data overruns the block"
+                if chunks and ktype == _CHUNK_ITEM_KEY:
+                    d = _HEADER.size + doff
+                    got = add_chunk(raw, d, d + dsize, koff)
+                    if isinstance(got, str):
+                        return f"tree leaf {address:#x}: {got}"
+        return None
+
+    return walk(chunk_root, chunk_level, True) or walk(root, root_level, False)

@@ -305,6 +305,9 @@ class ExtFilesystem(Filesystem):
     # -- set-up --------------------------------------------------------------------------------
 
     def _setup(self, fh: BinaryIO) -> None:
+        problem = _bad_geometry(fh, self._stream_size)
+        if problem:
+            raise FilesystemError(problem, offset=_SB_OFFSET, obj=self._name)
         try:
             extfs = ExtFS(fh)
         except NotImplementedError as exc:
@@ -347,6 +350,13 @@ class ExtFilesystem(Filesystem):
             self._desc_size = int(sb.s_desc_size) or 32
         else:
             self._desc_size = 32
+        if self._desc_size not in (32, 64, 128, 256, 512, 1024):
+            # ext4_fill_super: "unsupported descriptor size" (a power of 2 up to 1024)
+            raise FilesystemError(
+                f"group descriptor size {self._desc_size} is invalid (a power of 2 up to 1024)",
+                offset=_SB_OFFSET,
+                obj=self._name,
+            )
 
         # fstype the way blkid names it (libblkid superblocks/ext.c): anything ext3 cannot mount
         # is ext4; otherwise a journal makes ext3.
@@ -421,7 +431,7 @@ class ExtFilesystem(Filesystem):
             IndexError,
             KeyError,
             RecursionError,
-            OverflowError,
+            ArithmeticError,
         ) as exc:
             raise FilesystemError(f"{context}: {exc}", obj=self._name) from exc
 
@@ -480,6 +490,11 @@ class ExtFilesystem(Filesystem):
         if self._desc_size >= 64:
             hi: int = _U32.unpack_from(data, off + 0x28)[0]
             table |= hi << 32
+        if table <= 0 or table >= self.block_count:  # ext4_check_descriptors()
+            raise _Corrupt(
+                f"group {group}'s inode table at block {table} is outside the filesystem "
+                f"(blocks 1..{self.block_count - 1})"
+            )
         return table
 
     def _load_inode(self, inum: int) -> _Inode:
@@ -943,3 +958,41 @@ class ExtFilesystem(Filesystem):
 def _tid_ge(a: int, b: int) -> bool:
     """jbd2's tid_geq(): transaction ids compare modulo 2**32."""
     return ((a - b) & 0xFFFFFFFF) < 0x80000000
+
+
+def _bad_geometry(fh: BinaryIO, volume_size: int) -> str | None:
+    """What makes the superblock's geometry impossible, or ``None``.
+
+    The checks ``ext4_fill_super`` (fs/ext4/super.c) makes before it mounts ("Invalid log block
+    size", "bad geometry: block count … exceeds size of device", "first data block … is beyond
+    end of filesystem", "inodes count not valid"), made on the raw fields before dissect sizes
+    anything from them: a superblock claiming more than the volume holds is refused here.
+    """
+    fh.seek(_SB_OFFSET)
+    sb = fh.read(1024)
+    if len(sb) < 1024:
+        return None  # the volume's size was checked before
+    inodes, blocks_lo = struct.unpack_from("<II", sb, 0)
+    first_data, log_bs = struct.unpack_from("<II", sb, 0x14)
+    (blocks_per_group,) = _U32.unpack_from(sb, 0x20)
+    (inodes_per_group,) = _U32.unpack_from(sb, 0x28)
+    (incompat,) = _U32.unpack_from(sb, 0x60)
+    blocks_hi = _U32.unpack_from(sb, 0x150)[0] if incompat & _INCOMPAT_64BIT else 0
+    if log_bs > 6:  # EXT4_MAX_BLOCK_LOG_SIZE - EXT4_MIN_BLOCK_LOG_SIZE: 64 KiB blocks
+        return f"invalid log block size {log_bs} (2^{10 + log_bs}-byte blocks; at most 64 KiB)"
+    block_size = 1024 << log_bs
+    blocks = blocks_lo | blocks_hi << 32
+    if blocks * block_size > volume_size:
+        return (
+            f"block count {blocks} ({blocks * block_size} bytes) exceeds the volume "
+            f"({volume_size} bytes)"
+        )
+    if first_data >= blocks:
+        return (
+            f"first data block {first_data} is beyond the end of the filesystem ({blocks} blocks)"
+        )
+    if blocks_per_group and inodes_per_group:
+        groups = -(-(blocks - first_data) // blocks_per_group)
+        if groups * inodes_per_group != inodes:
+            return f"inodes count {inodes} is not {groups} groups of {inodes_per_group} inodes"
+    return None

@@ -6,7 +6,9 @@ whether what was written becomes the output:
 * a path is written under a temporary name in the same directory
   (``.NAME.ova2img-XXXXXXXX.part``) and renamed over NAME only when the block ends without an
   exception; on any exception (``KeyboardInterrupt`` included) the temporary file is removed,
-  so no partial output is ever left behind;
+  so no partial output is ever left behind. ``SIGINT``/``SIGTERM`` are held back while the
+  file is committed or removed (``pthread_sigmask``): an interrupt that arrived before the
+  rename cancels it, and a second Ctrl-C cannot cut the clean-up short;
 * a name ending in ``.gz`` is gzip-compressed (RFC 1952) with MTIME 0, no FNAME and OS 255,
   so the same tar gives the same bytes; ``.zst`` is Zstandard (the optional ``zstandard``
   module); the compression trailer is written only on success;
@@ -27,11 +29,12 @@ import io
 import os
 import secrets
 import select
+import signal
 import stat
 import struct
 import sys
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Literal, Protocol, cast
 
@@ -273,17 +276,55 @@ def _open_file(path: str, kind: Compression) -> Iterator[BinaryIO]:
         except OSError as exc:
             raise write_error(path, exc) from exc
         raw.close()
-        try:
-            tmp.replace(target)
-        except OSError as exc:
-            raise SinkError(f"cannot rename {tmp} to {path}: {exc.strerror}") from exc
-        committed = True
+        for attempt in range(3):
+            with _interrupts_held() as pending:
+                if pending() and attempt < 2:
+                    # Interrupted while finishing: no rename yet. Leaving the block lets the
+                    # handler run (KeyboardInterrupt: the file is discarded below); if it
+                    # returns instead, the commit goes on.
+                    continue
+                try:
+                    tmp.replace(target)
+                except OSError as exc:
+                    raise SinkError(f"cannot rename {tmp} to {path}: {exc.strerror}") from exc
+                committed = True
+                break
     finally:
-        stream.close()
-        raw.close()
-        if not committed:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+        with _interrupts_held():
+            stream.close()
+            raw.close()
+            if not committed:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+
+
+_INTERRUPTS = frozenset({signal.SIGINT, signal.SIGTERM})
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[Callable[[], bool]]:
+    """Hold ``SIGINT`` and ``SIGTERM`` back (``pthread_sigmask``) for the block; they are
+    delivered — their handlers run, ``KeyboardInterrupt`` is raised — when it ends. Yields a
+    function telling whether one is pending that a Python handler will act on. Outside the
+    main thread (where Python runs no handler) or where masks are not available, nothing is
+    held."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS)
+    except (AttributeError, OSError, ValueError):  # pragma: no cover - not POSIX
+        yield lambda: False
+        return
+    # Only what a Python handler will turn into an exception counts: not a signal the caller
+    # blocked itself, nor one ignored or left to its default action.
+    handled = {s for s in _INTERRUPTS if s not in old and callable(signal.getsignal(s))}
+    try:
+        yield lambda: bool(handled & signal.sigpending())
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _create_temp(directory: Path, base: str) -> tuple[int, Path]:

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MiB = 1024 * 1024
+#: The largest damaged input :meth:`Mutation.apply` writes (the bases are a few MiB).
+MAX_INPUT = 512 * MiB
 REPO = Path(__file__).resolve().parents[2]
 DEMO_OVA = REPO / "fixtures" / "demo.ova"
 
@@ -95,6 +97,8 @@ class Mutation:
         src = self.source or base.path
         out = out_dir / f"input{base.suffix}"
         size = src.stat().st_size
+        if size > MAX_INPUT:
+            raise ValueError(f"{src}: {size} bytes, more than a corpus input may be")
         keep = size if self.truncate is None else min(self.truncate, size)
         with src.open("rb") as fi, out.open("wb") as fo:
             left = keep
@@ -217,6 +221,15 @@ def vmdk_map(
         )
         bounds.append(("vmdk descriptor", base + desc_off * 512))
     compressed = bool(flags & (1 << 16))
+    if compressed and gd != 0xFFFFFFFFFFFFFFFF:
+        # qemu-img's streamOptimized: grain directory and tables in front (as a sparse
+        # extent's), then the grains with their markers.
+        regions.append(Region("vmdk grain directory", base + gd * 512, base + gd * 512 + 512))
+        bounds.append(("vmdk grain directory", base + gd * 512))
+        if rgd:
+            regions.append(
+                Region("vmdk redundant grain directory", base + rgd * 512, base + rgd * 512 + 512)
+            )
     if not compressed:
         gd_at = gd if gd != 0xFFFFFFFFFFFFFFFF else rgd
         regions.append(Region("vmdk grain directory", base + gd_at * 512, base + gd_at * 512 + 512))
@@ -510,8 +523,14 @@ def gpt_crafted(disk: Path) -> list[Crafted]:
     return out
 
 
-def vmdk_crafted(hdr_at: int, marker_at: int | None, grain_marker_at: int | None) -> list[Crafted]:
-    """Sparse header fields set to huge/zero values (VMDK 1.1 header offsets)."""
+def vmdk_crafted(
+    hdr_at: int,
+    marker_at: int | None,
+    grain_marker_at: int | None,
+    gd_at: tuple[int, ...] = (),
+) -> list[Crafted]:
+    """Sparse header fields set to huge/zero values (VMDK 1.1 header offsets); ``gd_at``: the
+    grain directories (and redundant copy) whose first entry to send beyond the file."""
     out = [
         Crafted("vmdk capacity 2^62", ((hdr_at + 12, _p64(1 << 62)),)),
         Crafted("vmdk capacity 0", ((hdr_at + 12, _p64(0)),)),
@@ -536,20 +555,51 @@ def vmdk_crafted(hdr_at: int, marker_at: int | None, grain_marker_at: int | None
             Crafted("vmdk metadata marker sectors huge", ((marker_at, _p64(1 << 50)),)),
             Crafted("vmdk grain table beyond EOF", ((marker_at, _p64(1 << 30)),)),
         ]
+    elif gd_at:
+        # the grain directory's first entry: the sector of grain table 0
+        out.append(Crafted("vmdk grain table beyond EOF", tuple((g, _p32(1 << 30)) for g in gd_at)))
     return out
 
 
 def debugfs_variant(src: Path, dst: Path, requests: Sequence[str], *, offset: int = 0) -> Path:
     """Copy ``src`` to ``dst`` and apply ``debugfs -w`` requests to the ext at ``offset``."""
     shutil.copyfile(src, dst)
+    size = dst.stat().st_size
     spec = f"{dst}?offset={offset}" if offset else os.fspath(dst)
     for req in requests:
         out = subprocess.run(
-            ["debugfs", "-w", "-R", req, spec], capture_output=True, text=True, check=False
+            ["debugfs", "-w", "-R", req, spec],
+            capture_output=True,
+            text=True,
+            check=False,
+            preexec_fn=_limit_file_size,
         )
-        if out.returncode != 0:
+        # debugfs exits 0 even when a request fails ("invalid field specifier"): a damage
+        # that silently did nothing would be a test of nothing.
+        complaints = [ln for ln in out.stderr.splitlines() if not ln.startswith("debugfs 1.")]
+        if out.returncode != 0 or complaints:
             raise RuntimeError(f"debugfs {req}: {out.stderr}")
+    # debugfs writes the superblock backups where the *damaged* geometry puts them: with
+    # ``ssv first_data_block 4000000000`` that is 4 TB into the file (a sparse 4 TB file, which
+    # any copy then tries to fill). The damage that counts is in the primary superblock: cut
+    # the file back to the image's size.
+    if dst.stat().st_size != size:
+        os.truncate(dst, size)
     return dst
+
+
+#: The largest file a corpus tool may write (RLIMIT_FSIZE of debugfs and the like).
+TOOL_FSIZE_LIMIT = 1 << 30
+
+
+def _limit_file_size() -> None:
+    """In a tool's child process: no file over :data:`TOOL_FSIZE_LIMIT` (a write past it
+    fails with EFBIG instead of filling the disk)."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (TOOL_FSIZE_LIMIT, TOOL_FSIZE_LIMIT))
 
 
 #: (name, debugfs requests): damage only a metadata editor makes cleanly (checksums kept valid).
@@ -565,10 +615,8 @@ EXT_DEBUGFS_DAMAGE: list[tuple[str, tuple[str, ...]]] = [
     ("ext blocks per group 0", ("ssv blocks_per_group 0",)),
     ("ext inode size 3", ("ssv inode_size 3",)),
     ("ext inode size 65535", ("ssv inode_size 65535",)),
-    ("ext first data block huge", ("ssv first_data_block 4000000000",)),
     ("ext desc size huge", ("ssv desc_size 65535",)),
     ("ext first inode 0", ("ssv first_ino 0",)),
-    ("ext superblock magic bad", ("ssv magic 0x1234",)),
     ("ext file size 2^60", ("sif /etc/hostname size 0x1000000000000000",)),
     ("ext extent length huge", ("sif /bin/tool block[4] 0x7fff",)),
     ("ext extent start beyond fs", ("sif /bin/tool block[5] 0xfffffff0",)),
@@ -701,7 +749,8 @@ def _ova_base(name: str, ova: Path) -> Base:
         vm = next(m for m in tf.getmembers() if m.name.endswith(".vmdk"))
     grain = next((r.start for r in regions if r.name == "vmdk grain marker 0"), None)
     gt = next((r.start for r in regions if r.name == "vmdk GT marker"), None)
-    base.crafted += vmdk_crafted(vm.offset_data, gt, grain)
+    gds = tuple(r.start for r in regions if r.name.endswith("grain directory"))
+    base.crafted += vmdk_crafted(vm.offset_data, gt, grain, gds)
     base.crafted += [
         Crafted("ova truncated mid-vmdk", truncate=vm.offset_data + vm.size // 2),
         Crafted("ova truncated after ovf header", truncate=512),
@@ -716,6 +765,36 @@ def _ext_crafted(work: Path, disk: Path, part_off: int, tag: str) -> list[Crafte
         debugfs_variant(disk, variant, reqs, offset=part_off)
         out.append(Crafted(name, derived=variant))
     return out
+
+
+def superblock_crafted(disk: Path, part_off: int) -> list[Crafted]:
+    """Primary-superblock fields patched in place, its ``metadata_csum`` checksum recomputed.
+
+    debugfs cannot make these: ``ssv`` has no ``magic`` field, and with ``ssv first_data_block
+    4000000000`` it writes the superblock where the damaged geometry puts group 0 — 4 TB into
+    the file — and leaves the primary one as it was.
+    """
+    from dissect.util.hash import crc32c
+
+    with disk.open("rb") as f:
+        f.seek(part_off + 1024)
+        sb = f.read(1024)
+    csum = bool(struct.unpack_from("<I", sb, 0x64)[0] & 0x400)  # RO_COMPAT_METADATA_CSUM
+
+    def patched(*fields: tuple[int, bytes]) -> tuple[tuple[int, bytes], ...]:
+        b = bytearray(sb)
+        for off, val in fields:
+            b[off : off + len(val)] = val
+        if csum:
+            # ext4_superblock_csum(): crc32c seeded with ~0, no final inversion.
+            b[0x3FC:0x400] = _p32(crc32c.crc32c(bytes(b[:0x3FC])) ^ 0xFFFFFFFF)
+        return ((part_off + 1024, bytes(b)),)
+
+    return [
+        Crafted("ext superblock magic bad", patched((0x38, b"\x34\x12"))),
+        Crafted("ext first data block huge", patched((0x14, _p32(4_000_000_000)))),
+        Crafted("ext log block size 20 (raw)", patched((0x18, _p32(20)), (0x1C, _p32(20)))),
+    ]
 
 
 def _dir_entry_patches(disk: Path, regions: list[Region]) -> list[Crafted]:
@@ -766,6 +845,7 @@ def build_bases(work: Path, *, heavy: bool = True) -> dict[str, Base]:
     base.boundaries += [(r.name, r.start) for r in ereg] + [(r.name + " end", r.end) for r in ereg]
     base.crafted = mbr_crafted(off // 512, _disk_sectors(mbr))
     base.crafted += _ext_crafted(work, mbr, off, "mbr")
+    base.crafted += superblock_crafted(mbr, off)
     base.crafted += _dir_entry_patches(mbr, ereg)
     bases["mbr-raw"] = base
 

@@ -1,9 +1,14 @@
 """Run damaged inputs through ``ova2img convert`` and check that it fails cleanly.
 
 The mode that counts is :func:`run_subprocess`: ``python -m ova2img convert INPUT -o OUT`` in
-a child process under ``prlimit --as`` (an address-space limit), killed after a wall-clock
-limit, its peak RSS read from ``wait4``'s rusage. :func:`run_inprocess` calls
-:func:`ova2img.cli.main` under a ``SIGALRM`` timeout, for throughput only.
+a child process under ``RLIMIT_AS`` (an address-space limit) and ``RLIMIT_FSIZE`` (no file it
+writes may exceed :data:`FSIZE_LIMIT`: a tiny damaged input must never make ova2img write an
+absurd output, and if it tries, the write fails with ``EFBIG`` — Python ignores ``SIGXFSZ`` —
+and the run is a finding), killed after a wall-clock limit, its peak RSS read from ``wait4``'s
+rusage. :func:`campaign_fork` does the same from forked children (no interpreter start).
+:func:`run_inprocess` calls :func:`ova2img.cli.main` under a ``SIGALRM`` timeout, for
+throughput only. Scratch directories live under ``/tmp`` (``$OVA2IMG_FUZZ_TMP``), never in
+``/dev/shm``: memory is the one thing the runs must not compete for.
 
 Checks (:func:`check`): exit code 0 or 1; stderr without a traceback or a Python exception
 name; on failure, exactly one ``ova2img: error:`` line, every line ``ova2img: …``, and an empty
@@ -36,6 +41,12 @@ from robustness.corpus import Base, Mutation
 TIME_LIMIT = 10.0
 MEMORY_LIMIT = 1 << 30  # RLIMIT_AS of the child
 RSS_BUDGET = 512 * 1024 * 1024
+#: RLIMIT_FSIZE of the child: the largest file it may write. The bases' tarballs are a few
+#: MiB; 256 MiB is far above any honest output and far below a full disk.
+FSIZE_LIMIT = 256 * 1024 * 1024
+#: Regular members up to this size are read to the end when an output is checked; of bigger
+#: (sparse) ones only the first MiB: the headers of the whole archive are walked either way.
+READ_LIMIT = 64 * 1024 * 1024
 
 #: A Python exception's name or a traceback leaking onto stderr.
 PY_EXC = re.compile(
@@ -58,6 +69,7 @@ class Outcome:
     partial: bool = False
     bad_paths: int = 0
     uncaught: bool = False
+    too_large: bool = False
 
 
 def _ok_member_name(name: str) -> bool:
@@ -68,6 +80,9 @@ def check(out: Outcome, out_dir: Path, output: Path) -> Outcome:
     """Fill ``out.problems`` from the exit code, stderr and what is left in ``out_dir``."""
     if out.timed_out:
         out.problems.append(f"timeout after {out.seconds:.1f} s")
+    if out.rc == -signal.SIGXFSZ or "File too large" in out.stderr:
+        out.too_large = True
+        out.problems.append("tried to write a file over the RLIMIT_FSIZE limit (EFBIG)")
     if PY_EXC.search(out.stderr):
         out.uncaught = True
         out.problems.append("python exception on stderr: " + out.stderr.strip()[-600:])
@@ -90,8 +105,9 @@ def check(out: Outcome, out_dir: Path, output: Path) -> Outcome:
                         f = tf.extractfile(m)
                         assert f is not None
                         with f:
-                            while f.read(1 << 20):
-                                pass
+                            left = m.size if m.size <= READ_LIMIT else 1 << 20
+                            while left > 0 and (chunk := f.read(min(left, 1 << 20))):
+                                left -= len(chunk)
         except (tarfile.TarError, OSError, EOFError) as err:
             out.problems.append(f"output tar unreadable: {err!r}")
         if out.bad_paths:
@@ -117,6 +133,7 @@ def run_subprocess(
     *,
     time_limit: float = TIME_LIMIT,
     memory_limit: int = MEMORY_LIMIT,
+    fsize_limit: int = FSIZE_LIMIT,
     extra: Iterable[str] = (),
 ) -> Outcome:
     """``python -m ova2img convert source -o out_dir/out.tar`` in a limited child process."""
@@ -131,8 +148,6 @@ def run_subprocess(
         os.fspath(output),
         *extra,
     ]
-    if shutil.which("prlimit"):
-        argv = ["prlimit", f"--as={memory_limit}", "--", *argv]
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     with tempfile.TemporaryFile() as err:
         start = time.monotonic()
@@ -143,6 +158,7 @@ def run_subprocess(
             stderr=err,
             env=env,
             cwd=out_dir,
+            preexec_fn=lambda: set_limits(memory_limit, fsize_limit),
         )
         timed_out = False
         status = 0
@@ -164,6 +180,17 @@ def run_subprocess(
         stderr = err.read().decode(errors="replace")
     maxrss = (rusage.ru_maxrss if rusage else 0) * 1024
     return check(Outcome(ident, rc, stderr, seconds, maxrss, timed_out), out_dir, output)
+
+
+def set_limits(memory_limit: int = MEMORY_LIMIT, fsize_limit: int = FSIZE_LIMIT) -> None:
+    """In a child process: cap its address space and the size of any file it writes.
+
+    ``SIGXFSZ`` is ignored (as the Python interpreter does at start-up) so that a write past
+    the limit fails with ``EFBIG``, which ova2img must report as its one-line error.
+    """
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_limit, fsize_limit))
 
 
 class _Alarm(BaseException):
@@ -216,9 +243,12 @@ class Summary:
     timeouts: int = 0
     partial: int = 0
     bad_paths: int = 0
+    too_large: int = 0
     other: int = 0
     peak_rss: int = 0
     slowest: float = 0.0
+    #: refusals by the layer that refused (``ova2img: error: LAYER: …``)
+    classes: dict[str, int] = field(default_factory=dict)
     bad: list[Outcome] = field(default_factory=list)
 
     def add(self, o: Outcome) -> None:
@@ -229,10 +259,15 @@ class Summary:
         self.timeouts += o.timed_out
         self.partial += o.partial
         self.bad_paths += o.bad_paths
+        self.too_large += o.too_large
         self.peak_rss = max(self.peak_rss, o.maxrss)
         self.slowest = max(self.slowest, o.seconds)
+        if o.rc:
+            m = re.search(r"^ova2img: error: (\w+):", o.stderr, re.M)
+            layer = m.group(1) if m else ("timeout" if o.timed_out else f"exit {o.rc}")
+            self.classes[layer] = self.classes.get(layer, 0) + 1
         if o.problems:
-            self.other += not (o.uncaught or o.timed_out or o.partial or o.bad_paths)
+            self.other += not (o.uncaught or o.timed_out or o.partial or o.bad_paths or o.too_large)
             self.bad.append(o)
 
     def text(self) -> str:
@@ -240,14 +275,20 @@ class Summary:
             f"inputs {self.inputs} (converted {self.successes}, refused {self.failures}); "
             f"uncaught exceptions {self.uncaught}; timeouts (>{TIME_LIMIT:.0f} s) {self.timeouts}; "
             f"partial outputs {self.partial}; members with bad paths {self.bad_paths}; "
+            f"files over {FSIZE_LIMIT >> 20} MiB attempted {self.too_large}; "
             f"other problems {self.other}; peak RSS {self.peak_rss / 2**20:.0f} MiB; "
-            f"slowest {self.slowest:.2f} s"
+            f"slowest {self.slowest:.2f} s; refused by "
+            + ", ".join(f"{k} {v}" for k, v in sorted(self.classes.items(), key=lambda kv: -kv[1]))
         )
 
 
 def _scratch_root() -> Path:
-    shm = Path("/dev/shm")
-    return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+    """Where inputs and outputs of the runs go: ``$OVA2IMG_FUZZ_TMP``, else ``/tmp`` (never
+    ``/dev/shm``, whose pages are memory the runs are measured against)."""
+    root = Path(os.environ.get("OVA2IMG_FUZZ_TMP") or tempfile.gettempdir())
+    if root.resolve().is_relative_to("/dev/shm"):
+        root = Path("/tmp")
+    return root
 
 
 def run_one(m: Mutation, bases: dict[str, Base], *, inprocess: bool = False) -> Outcome:
@@ -270,7 +311,7 @@ def _fork_child(argv: list[str], err_path: Path, cwd: Path, memory_limit: int) -
     try:
         os.setsid()
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
+        set_limits(memory_limit, FSIZE_LIMIT)
         fd = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.dup2(fd, 2)
         os.close(fd)
@@ -294,6 +335,20 @@ def _fork_child(argv: list[str], err_path: Path, cwd: Path, memory_limit: int) -
         os._exit(code)
 
 
+def _import_everything() -> None:
+    """Import every module of the package now, so that each forked child runs the code as it
+    was when the campaign started: the package imports its sinks and formats lazily, and a
+    file edited on disk meanwhile must not change what the later inputs run."""
+    import importlib
+    import pkgutil
+
+    import ova2img
+
+    for info in pkgutil.walk_packages(ova2img.__path__, "ova2img."):
+        if info.name != "ova2img.__main__":
+            importlib.import_module(info.name)
+
+
 def campaign_fork(
     muts: Iterable[Mutation],
     bases: dict[str, Base],
@@ -307,7 +362,7 @@ def campaign_fork(
     with ``ova2img`` already imported (saves the interpreter start and imports, ~0.25 s of CPU
     per input). Each input still runs in its own process under ``RLIMIT_AS``, killed after
     ``time_limit``, its peak RSS from ``wait4``; the parent must be single-threaded."""
-    import ova2img.cli  # noqa: F401 - imported once, inherited by every child
+    _import_everything()
 
     summary = Summary()
     start = time.monotonic()
@@ -335,37 +390,46 @@ def campaign_fork(
             rate = summary.inputs / (time.monotonic() - start)
             print(f"[{summary.inputs}] {rate:.1f}/s {summary.text()}", file=sys.stderr, flush=True)
 
-    exhausted = False
-    while running or not exhausted:
-        while not exhausted and len(running) < jobs:
-            m = next(queue, None)
-            if m is None:
-                exhausted = True
+    try:
+        exhausted = False
+        while running or not exhausted:
+            while not exhausted and len(running) < jobs:
+                m = next(queue, None)
+                if m is None:
+                    exhausted = True
+                    break
+                tmp = Path(tempfile.mkdtemp(prefix="ova2img-fuzz-", dir=_scratch_root()))
+                (tmp / "in").mkdir()
+                (tmp / "out").mkdir()
+                src = m.apply(bases, tmp / "in")
+                argv = ["convert", os.fspath(src), "-o", os.fspath(tmp / "out" / "out.tar")]
+                sys.stderr.flush()
+                sys.stdout.flush()
+                pid = os.fork()
+                if pid == 0:
+                    _fork_child(argv, tmp / "stderr", tmp / "out", memory_limit)
+                running[pid] = (m, tmp, time.monotonic())
+            if not running:
                 break
-            tmp = Path(tempfile.mkdtemp(prefix="ova2img-fuzz-", dir=_scratch_root()))
-            (tmp / "in").mkdir()
-            (tmp / "out").mkdir()
-            src = m.apply(bases, tmp / "in")
-            argv = ["convert", os.fspath(src), "-o", os.fspath(tmp / "out" / "out.tar")]
-            sys.stderr.flush()
-            sys.stdout.flush()
-            pid = os.fork()
-            if pid == 0:
-                _fork_child(argv, tmp / "stderr", tmp / "out", memory_limit)
-            running[pid] = (m, tmp, time.monotonic())
-        if not running:
-            break
-        pid, status, ru = os.wait4(-1, os.WNOHANG)
-        if pid:
-            finish(pid, status, ru, False)
-            continue
-        now = time.monotonic()
-        for cpid, (_m, _tmp, t0) in list(running.items()):
-            if now - t0 > time_limit:
+            pid, status, ru = os.wait4(-1, os.WNOHANG)
+            if pid:
+                finish(pid, status, ru, False)
+                continue
+            now = time.monotonic()
+            for cpid, (_m, _tmp, t0) in list(running.items()):
+                if now - t0 > time_limit:
+                    os.kill(cpid, signal.SIGKILL)
+                    _p, status, ru = os.wait4(cpid, 0)
+                    finish(cpid, status, ru, True)
+            time.sleep(0.003)
+    finally:
+        # interrupted (Ctrl-C, SIGTERM, an error): no child nor scratch directory outlives us
+        for cpid, (_m, tmp, _t0) in running.items():
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(cpid, signal.SIGKILL)
-                _p, status, ru = os.wait4(cpid, 0)
-                finish(cpid, status, ru, True)
-        time.sleep(0.003)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(cpid, 0)
+            shutil.rmtree(tmp, ignore_errors=True)
     return summary
 
 
