@@ -18,7 +18,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .assembly import (
     GuestFilesystem,
@@ -35,6 +35,10 @@ from .filesystems import EntryType, open_filesystem, probe
 from .sources import Source, open_source
 from .volumes import Volume, find_volumes
 from .volumes.lvm import assemble_lvm
+
+if TYPE_CHECKING:
+    from .profile import IdMap
+    from .report import Ledger
 
 log = logging.getLogger("ova2img")
 
@@ -68,7 +72,11 @@ class Guest:
     mounts: dict[bytes, Mount] = field(default_factory=dict)
 
     def walk(
-        self, *, exclude: Iterable[str] = (), path: str | bytes | None = None
+        self,
+        *,
+        exclude: Iterable[str] = (),
+        path: str | bytes | None = None,
+        lenient: bool = False,
     ) -> Iterator[TreeItem]:
         """Every path of the assembled guest tree, depth-first, sorted, root first.
 
@@ -76,12 +84,14 @@ class Guest:
             exclude: GNU-tar-style globs of paths to leave out (with their subtrees).
             path: walk only this subtree of the guest (symlinks followed inside the guest);
                 yielded paths are then relative to it.
+            lenient: leave out, with a warning each, the entries that cannot be read (see
+                :func:`ova2img.assembly.walk_tree`) instead of failing.
 
         Raises:
             FileNotFoundError: *path* does not exist in the guest.
         """
         start = self.resolve(path) if path is not None else b""
-        return walk_tree(self.mounts, exclude=exclude, start=start)
+        return walk_tree(self.mounts, exclude=exclude, start=start, lenient=lenient)
 
     def resolve(self, path: str | bytes, *, follow: bool = True) -> bytes:
         """The canonical form of a guest path: relative to the guest root, without ``.``,
@@ -412,6 +422,7 @@ def convert(
     devices: str = "keep",
     whiteouts: str = "keep",
     report: PathLike | None = None,
+    lenient: bool = False,
 ) -> ConversionResult:
     """Convert a VM image into a ``docker import`` rootfs tarball.
 
@@ -430,12 +441,18 @@ def convert(
         profile: ``"container"`` applies every cleaning operation of
             :mod:`ova2img.profile` (machine-id, host keys, logs, caches, …) while streaming;
             ``None`` (the default) is a faithful copy.
-        ops, no_ops: operations to add to / remove from the profile.
+        ops: operations to add to the profile.
+        no_ops: operations to remove from the profile.
         ids: ``"remap"`` or ``"clamp"`` uids/gids above 65535 (for rootless engines),
             keeping ``/etc/passwd`` and ``/etc/group`` consistent; ``None`` keeps them.
         devices: ``"drop"`` leaves device nodes out.
         whiteouts: ``"rename"`` or ``"refuse"`` names starting with ``.wh.``.
         report: write a JSON ledger of what was kept, transformed or dropped.
+        lenient: skip the files and directories that cannot be read (a damaged inode, extent
+            tree or directory block), each with a warning, and end with a summary warning,
+            instead of failing the whole conversion; a file whose content fails to read
+            midway keeps its size, the rest written as zeros (with a warning). Damage to a
+            superblock, the root directory, a partition table or a disk stays fatal.
 
     Returns:
         Counts of what was written and the warnings raised on the way (also logged on the
@@ -444,8 +461,6 @@ def convert(
     Raises:
         Ova2imgError: anything went wrong; no output file is left behind.
     """
-    from .profile import plan_ids, select_operations, transform
-    from .report import Ledger
     from .sinks.output import open_output
     from .sinks.tar import write_tar
 
@@ -459,21 +474,21 @@ def convert(
             verify_manifest=verify_manifest,
             allow_external=allow_external,
         ) as guest:
-            items: Iterator[TreeItem] = guest.walk(exclude=exclude, path=guest_path(guest, path))
-            chosen = select_operations(profile, ops, no_ops)
-            ledger = Ledger(profile=profile, operations=chosen) if report is not None else None
-            if chosen or ids or devices != "keep" or whiteouts != "keep" or ledger:
-                if path is not None and chosen:
-                    raise UsageError("--profile/--op work on the whole guest, not with --path")
-                items = transform(
-                    items,
-                    guest=guest,
-                    ops=chosen,
-                    ids=plan_ids(guest, ids) if ids else None,  # type: ignore[arg-type]
-                    devices=devices,  # type: ignore[arg-type]
-                    whiteouts=whiteouts,  # type: ignore[arg-type]
-                    ledger=ledger,
-                )
+            items: Iterator[TreeItem] = guest.walk(
+                exclude=exclude, path=guest_path(guest, path), lenient=lenient
+            )
+            ready = plan_ready(
+                guest,
+                path=path,
+                profile=profile,
+                ops=ops,
+                no_ops=no_ops,
+                ids=ids,
+                devices=devices,
+                whiteouts=whiteouts,
+            )
+            ledger = ready.ledger() if report is not None else None
+            items = ready.apply(guest, items, ledger)
             counter = _Counter(on_progress)
             with open_output(os.fspath(output)) as out:
                 stats = write_tar(
@@ -487,6 +502,123 @@ def convert(
     finally:
         log.removeHandler(collector)
     return ConversionResult(os.fspath(output), stats.entries, stats.data_bytes, collector.messages)
+
+
+@dataclass(frozen=True)
+class ReadyPlan:
+    """The container-ready options of one conversion, checked and planned before any output
+    (:func:`plan_ready`); :meth:`apply` puts them on a walk of the guest. Used by
+    :func:`convert` and by :mod:`ova2img.images` (which applies it to two walks: one to
+    measure the layer, one to write it).
+
+    Attributes:
+        profile: the profile's name, for the report.
+        ops: the operations, in :data:`ova2img.profile.OPERATIONS` order.
+        ids: the id rewriting planned from the whole guest, or ``None``.
+        devices: ``keep`` or ``drop``.
+        whiteouts: ``keep``, ``rename`` or ``refuse``.
+    """
+
+    profile: str | None = None
+    ops: tuple[str, ...] = ()
+    ids: IdMap | None = None
+    devices: str = "keep"
+    whiteouts: str = "keep"
+
+    def ledger(self) -> Ledger:
+        """A fresh ledger for ``--report``."""
+        from .report import Ledger
+
+        return Ledger(profile=self.profile, operations=list(self.ops))
+
+    def apply(
+        self, guest: Guest, items: Iterator[TreeItem], ledger: Ledger | None = None
+    ) -> Iterator[TreeItem]:
+        """*items* with the operations applied (*items* itself when there are none), the
+        changes recorded in *ledger* if given."""
+        if not (
+            self.ops or self.ids or self.devices != "keep" or self.whiteouts != "keep" or ledger
+        ):
+            return items
+        from .profile import transform
+
+        return transform(
+            items,
+            guest=guest,
+            ops=self.ops,
+            ids=self.ids,
+            devices=self.devices,  # type: ignore[arg-type]
+            whiteouts=self.whiteouts,  # type: ignore[arg-type]
+            ledger=ledger,
+        )
+
+
+def plan_ready(
+    guest: Guest,
+    *,
+    path: str | bytes | None = None,
+    profile: str | None = None,
+    ops: Sequence[str] = (),
+    no_ops: Sequence[str] = (),
+    ids: str | None = None,
+    devices: str = "keep",
+    whiteouts: str = "keep",
+) -> ReadyPlan:
+    """Check the container-ready options of :func:`convert` (:func:`check_ready`) and plan
+    them on *guest* (``ids`` walks the guest's metadata once).
+
+    Raises:
+        UsageError: see :func:`check_ready`.
+        UnsupportedError: ``ids="remap"`` finds more big ids than free ones.
+    """
+    from .profile import plan_ids
+
+    chosen = check_ready(
+        path=path,
+        profile=profile,
+        ops=ops,
+        no_ops=no_ops,
+        ids=ids,
+        devices=devices,
+        whiteouts=whiteouts,
+    )
+    return ReadyPlan(
+        profile=profile,
+        ops=tuple(chosen),
+        ids=plan_ids(guest, ids) if ids else None,  # type: ignore[arg-type]
+        devices=devices,
+        whiteouts=whiteouts,
+    )
+
+
+def check_ready(
+    *,
+    path: str | bytes | None = None,
+    profile: str | None = None,
+    ops: Sequence[str] = (),
+    no_ops: Sequence[str] = (),
+    ids: str | None = None,
+    devices: str = "keep",
+    whiteouts: str = "keep",
+) -> list[str]:
+    """Check the container-ready options without the guest (so that a usage error comes
+    before any reading or connecting); returns the operations chosen.
+
+    Raises:
+        UsageError: an unknown profile, operation or mode; operations with *path*.
+    """
+    from .profile import select_operations
+
+    chosen = select_operations(profile, ops, no_ops)
+    if path is not None and chosen:
+        raise UsageError("--profile/--op work on the whole guest, not with --path")
+    if ids not in (None, "remap", "clamp"):
+        raise UsageError(f"unknown id mode {ids!r}; known: remap, clamp")
+    if devices not in ("keep", "drop"):
+        raise UsageError(f"unknown devices mode {devices!r}; known: keep, drop")
+    if whiteouts not in ("keep", "rename", "refuse"):
+        raise UsageError(f"unknown whiteouts mode {whiteouts!r}; known: keep, rename, refuse")
+    return chosen
 
 
 def guest_path(guest: Guest, path: str | bytes | None) -> bytes | None:

@@ -170,6 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="convert only this directory of the guest (e.g. /opt/toolchain); its contents "
         "become the tarball's root",
     )
+    conv.add_argument(
+        "--lenient",
+        action="store_true",
+        help="skip files and directories that cannot be read (damaged inode, extent tree or "
+        "directory block), each with a warning and a summary at the end, instead of failing; "
+        "a file whose data fails midway is kept at its size, the rest written as zeros. "
+        "Superblock, partition and disk damage stays fatal. Default: strict (any damage fails)",
+    )
     ready = conv.add_argument_group(
         "container-ready (opt-in; the default is a faithful copy)",
         "Operations applied while streaming, never to the source. `ova2img convert --help` "
@@ -345,12 +353,9 @@ def _cmd_convert(args: argparse.Namespace, stderr: TextIO) -> int:
         raise UsageError("give either -o OUTPUT or --docker REPO[:TAG], not both")
     if not args.output and not args.docker:
         raise UsageError("convert needs -o OUTPUT (a path, or - for stdout) or --docker REPO[:TAG]")
-    image_mode = bool(args.docker) or args.format != "rootfs"
-    if image_mode and (
-        args.profile or args.op or args.ids or args.drop_devices or args.whiteouts or args.report
-    ):
-        raise UsageError("the container-ready options work with --format rootfs for now")
-    if image_mode:
+    if args.lenient and (args.docker or args.format != "rootfs"):
+        raise UsageError("--lenient works with --format rootfs for now")
+    if args.docker or args.format != "rootfs":
         return _convert_image(args, stderr)
     progress: _Progress | None = None
     if not args.quiet and (args.progress or stderr.isatty()):
@@ -373,6 +378,7 @@ def _cmd_convert(args: argparse.Namespace, stderr: TextIO) -> int:
             devices="drop" if args.drop_devices else "keep",
             whiteouts=args.whiteouts or "keep",
             report=args.report,
+            lenient=args.lenient,
         )
     finally:
         if progress is not None:
@@ -400,6 +406,13 @@ def _convert_image(args: argparse.Namespace, stderr: TextIO) -> int:
         "use_fstab": not args.no_fstab,
         "verify_manifest": not args.no_manifest_check,
         "allow_external": args.allow_external_files,
+        "profile": args.profile,
+        "ops": args.op,
+        "no_ops": args.no_op,
+        "ids": args.ids,
+        "devices": "drop" if args.drop_devices else "keep",
+        "whiteouts": args.whiteouts or "keep",
+        "report": args.report,
     }
     progress: _Progress | None = None
     if not args.quiet and (args.progress or stderr.isatty()):
@@ -629,6 +642,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(stderr)
         return 2
+    level = log.level  # put back at the end: main() may run in a longer-lived process
     handler = _setup_logging(args, stderr)
     previous: Callable[..., Any] | int | None = None
     try:
@@ -664,5 +678,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         log.removeHandler(handler)
+        log.setLevel(level)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -9,7 +9,13 @@ complete image — the same tarball as its one layer, plus a configuration so th
   image layout as a tar (``oci``), to a file or stdout.
 
 The configuration starts from the guest (:func:`guest_config`) and ``--change`` instructions
-(:func:`ova2img.sinks.config.apply_changes`) override it.
+(:func:`ova2img.sinks.config.apply_changes`) override it. The container-ready options of
+:func:`ova2img.convert` (``profile``, ``ops``, ``ids``, ``devices``, ``whiteouts``, ``report``)
+apply to the layer the same way (:func:`ova2img.api.plan_ready`).
+
+Unlike the rootfs tarball, the layer holds sparse files dense (holes as zeros, plain tar
+members): Docker's layer store cannot give back (``docker save``) a layer imported from GNU
+sparse members, and OCI tools do not expect them (see :mod:`ova2img.sinks.tar`).
 
 Example::
 
@@ -28,13 +34,13 @@ import os
 import platform as _platform
 import re
 import stat
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from ._version import __version__
-from .api import Guest, PathLike, _Counter, guest_path
+from .api import Guest, PathLike, ReadyPlan, _Counter, check_ready, guest_path, plan_ready
 from .api import open as open_guest
 from .errors import SinkError, UsageError
 from .filesystems.base import EntryType
@@ -49,6 +55,10 @@ from .sinks.config import (
 from .sinks.image import ImageFormat, ImageStats, split_repo_tag, write_image
 from .sinks.output import open_output
 from .sinks.tar import TarStats, measure_tar, write_tar
+
+if TYPE_CHECKING:
+    from .assembly import TreeItem
+    from .report import Ledger
 
 log = logging.getLogger("ova2img")
 
@@ -296,6 +306,13 @@ def convert_to_engine(
     allow_external: bool = False,
     path: str | bytes | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    profile: str | None = None,
+    ops: Sequence[str] = (),
+    no_ops: Sequence[str] = (),
+    ids: str | None = None,
+    devices: str = "keep",
+    whiteouts: str = "keep",
+    report: PathLike | None = None,
 ) -> EngineResult:
     """Convert a VM image into an image of a Docker engine, tagged *repo_tag*.
 
@@ -318,6 +335,13 @@ def convert_to_engine(
         path: convert only this subtree of the guest (see :func:`ova2img.convert`).
         on_progress: called now and then with the file-content bytes and the entries sent
             so far.
+        profile: see :func:`ova2img.convert` (the container-ready options).
+        ops: see :func:`ova2img.convert`.
+        no_ops: see :func:`ova2img.convert`.
+        ids: see :func:`ova2img.convert`.
+        devices: see :func:`ova2img.convert`.
+        whiteouts: see :func:`ova2img.convert`.
+        report: see :func:`ova2img.convert`; written once the engine loaded the image.
 
     Raises:
         UsageError: an invalid *repo_tag* or change (before anything is read).
@@ -328,6 +352,15 @@ def convert_to_engine(
 
     tag = normalise_repo_tag(repo_tag)
     change_list = check_changes(changes)
+    check_ready(
+        path=path,
+        profile=profile,
+        ops=ops,
+        no_ops=no_ops,
+        ids=ids,
+        devices=devices,
+        whiteouts=whiteouts,
+    )
     client = connect(docker_host)
     url = engine_url(docker_host)
     collector = _WarningCollector()
@@ -344,12 +377,27 @@ def convert_to_engine(
             config = guest_config(
                 guest, source_name=name, source_sha256=digest, changes=change_list
             )
-            start = guest_path(guest, path)
-            size = measure_tar(guest.walk(exclude=exclude, path=start)).archive_bytes
+            layer = _Layer(
+                guest,
+                exclude,
+                guest_path(guest, path),
+                plan_ready(
+                    guest,
+                    path=path,
+                    profile=profile,
+                    ops=ops,
+                    no_ops=no_ops,
+                    ids=ids,
+                    devices=devices,
+                    whiteouts=whiteouts,
+                ),
+                report,
+            )
+            size = layer.measure()
 
             def produce(out: BinaryIO) -> ImageStats:
                 return write_image(
-                    lambda sink: _write_layer(guest, sink, exclude, start, on_progress),
+                    lambda sink: layer.write(sink, on_progress),
                     out,
                     format="docker-archive",
                     config=config,
@@ -360,6 +408,7 @@ def convert_to_engine(
                 )
 
             stats, image_id = load_stream(produce, repo_tag=tag, client=client, url=url)
+            layer.write_report()
     finally:
         log.removeHandler(collector)
         client.close()
@@ -390,6 +439,13 @@ def convert_to_image(
     allow_external: bool = False,
     path: str | bytes | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    profile: str | None = None,
+    ops: Sequence[str] = (),
+    no_ops: Sequence[str] = (),
+    ids: str | None = None,
+    devices: str = "keep",
+    whiteouts: str = "keep",
+    report: PathLike | None = None,
 ) -> ImageResult:
     """Convert a VM image into an image archive: ``docker-archive`` or ``oci``.
 
@@ -415,6 +471,13 @@ def convert_to_image(
         path: convert only this subtree of the guest (see :func:`ova2img.convert`).
         on_progress: called now and then with the file-content bytes and the entries
             written so far.
+        profile: see :func:`ova2img.convert` (the container-ready options).
+        ops: see :func:`ova2img.convert`.
+        no_ops: see :func:`ova2img.convert`.
+        ids: see :func:`ova2img.convert`.
+        devices: see :func:`ova2img.convert`.
+        whiteouts: see :func:`ova2img.convert`.
+        report: see :func:`ova2img.convert`; written once the archive is complete.
 
     Raises:
         UsageError: an invalid *repo_tag*, change, format or option (before anything is read).
@@ -427,6 +490,15 @@ def convert_to_image(
         raise UsageError("a gzip'd layer is for --format oci only (docker load takes a tar)")
     tag = normalise_repo_tag(repo_tag) if repo_tag else None
     change_list = check_changes(changes)
+    check_ready(
+        path=path,
+        profile=profile,
+        ops=ops,
+        no_ops=no_ops,
+        ids=ids,
+        devices=devices,
+        whiteouts=whiteouts,
+    )
     out_path = os.fspath(output)
     collector = _WarningCollector()
     log.addHandler(collector)
@@ -442,13 +514,28 @@ def convert_to_image(
             config = guest_config(
                 guest, source_name=name, source_sha256=digest, changes=change_list
             )
-            start = guest_path(guest, path)
+            layer = _Layer(
+                guest,
+                exclude,
+                guest_path(guest, path),
+                plan_ready(
+                    guest,
+                    path=path,
+                    profile=profile,
+                    ops=ops,
+                    no_ops=no_ops,
+                    ids=ids,
+                    devices=devices,
+                    whiteouts=whiteouts,
+                ),
+                report,
+            )
             size: int | None = None
             if out_path == "-" and format == "docker-archive":
-                size = measure_tar(guest.walk(exclude=exclude, path=start)).archive_bytes
+                size = layer.measure()
             with open_output(out_path, compression="none") as out:
                 stats = write_image(
-                    lambda sink: _write_layer(guest, sink, exclude, start, on_progress),
+                    lambda sink: layer.write(sink, on_progress),
                     out,
                     format=format,
                     config=config,
@@ -459,6 +546,7 @@ def convert_to_image(
                     patch=None if out_path == "-" else _patcher(out),
                     layer_size=size,
                 )
+            layer.write_report()
     finally:
         log.removeHandler(collector)
     return ImageResult(
@@ -479,20 +567,49 @@ def convert_to_image(
     )
 
 
-def _write_layer(
-    guest: Guest,
-    sink: BinaryIO,
-    exclude: Iterable[str],
-    start: bytes | None,
-    on_progress: Callable[[int, int], None] | None,
-) -> TarStats:
-    counter = _Counter(on_progress)
-    return write_tar(
-        counter.count(guest.walk(exclude=exclude, path=start)),
-        sink,
-        on_warning=lambda message: log.warning("%s", message),
-        on_progress=counter.data if on_progress else None,
-    )
+class _Layer:
+    """The image's one layer: the guest's walk with the container-ready plan applied, as a
+    tar with sparse files dense. Walked once more by :meth:`measure` when its size must be
+    known before it is written (the plan's ledger records the writing pass only)."""
+
+    def __init__(
+        self,
+        guest: Guest,
+        exclude: Iterable[str],
+        start: bytes | None,
+        ready: ReadyPlan,
+        report: PathLike | None,
+    ) -> None:
+        self._guest = guest
+        self._exclude = list(exclude)
+        self._start = start
+        self._ready = ready
+        self._report = report
+        self._ledger: Ledger | None = ready.ledger() if report is not None else None
+
+    def _items(self, ledger: Ledger | None) -> Iterator[TreeItem]:
+        walk = self._guest.walk(exclude=self._exclude, path=self._start)
+        return self._ready.apply(self._guest, walk, ledger)
+
+    def measure(self) -> int:
+        """The exact length of the layer's tar, from a metadata-only walk."""
+        return measure_tar(self._items(None), sparse=False).archive_bytes
+
+    def write(self, sink: BinaryIO, on_progress: Callable[[int, int], None] | None) -> TarStats:
+        """Write the layer's tar to *sink*."""
+        counter = _Counter(on_progress)
+        return write_tar(
+            counter.count(self._items(self._ledger)),
+            sink,
+            on_warning=lambda message: log.warning("%s", message),
+            on_progress=counter.data if on_progress else None,
+            sparse=False,
+        )
+
+    def write_report(self) -> None:
+        """Write the ``--report`` ledger, once the image is complete."""
+        if self._ledger is not None and self._report is not None:
+            self._ledger.write(self._report)
 
 
 def _patcher(out: BinaryIO) -> Callable[[int, bytes], None] | None:

@@ -60,3 +60,16 @@ def test_python_dash_m_is_the_same_command() -> None:
     )
     assert res.returncode == 0
     assert res.stdout.strip() == f"ova2img {ova2img.__version__}"
+
+
+def test_main_leaves_the_logging_level_as_it_found_it(tmp_path: Path) -> None:
+    # An embedding program (or a test run) calls main() more than once: `-q` in one call must
+    # not silence the warnings of the library's later conversions in the same process.
+    import logging
+
+    logger = logging.getLogger("ova2img")
+    before = logger.level
+    demo = Path(__file__).resolve().parent.parent / "fixtures" / "demo.ova"
+    assert main(["convert", str(demo), "-o", str(tmp_path / "out.tar"), "-q"]) == 0
+    assert logger.level == before
+    assert not [h for h in logger.handlers if isinstance(h, logging.StreamHandler)]

@@ -17,6 +17,11 @@ with GNU tar 1.34:
   deterministic), its data starts with the sparse map in decimal lines padded to a block and
   then holds the data of each run back to back;
 * numeric owners only (``uname``/``gname`` empty);
+* with ``sparse=False`` (image layers) a sparse file is a plain member holding its full size,
+  holes written as zeros: Docker's layer store cannot give back (``docker save``) a layer it
+  imported from GNU sparse members, and image tools that read layers with Go's
+  ``archive/tar`` writer or with ``tarfile`` mis-handle them; ``docker export`` of a
+  container writes sparse files dense too;
 * the archive ends with two zero blocks, padded to a multiple of the 10240-byte record.
 
 Unlike :class:`tarfile.TarFile` nothing is kept per member, except the first name of each
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import stat
+import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import BinaryIO, cast
@@ -74,6 +80,7 @@ FAILED_NAME = b"./OVA2IMG-CONVERSION-FAILED-THIS-ARCHIVE-IS-INCOMPLETE"
 
 _NS = 1_000_000_000
 _ZERO_BLOCK = bytes(BLOCK)
+_ZERO_CHUNK = memoryview(bytes(CHUNK))
 
 
 @dataclass(slots=True)
@@ -85,7 +92,8 @@ class TarStats:
         files, dirs, symlinks, hardlinks, devices, fifos: members of each kind.
         sparse_files: regular files written in GNU sparse format.
         skipped: items left out (sockets).
-        data_bytes: file content bytes copied into the archive (holes of sparse files excluded).
+        data_bytes: file content bytes in the archive (the holes of sparse members excluded;
+            with ``sparse=False`` holes written as zeros are counted).
         archive_bytes: length of the archive, end-of-archive padding included.
         warnings: every warning, in order (each was also passed to ``on_warning``).
     """
@@ -110,6 +118,7 @@ def write_tar(
     *,
     on_warning: Callable[[str], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
+    sparse: bool = True,
 ) -> TarStats:
     """Write *items* (in the given order) as a PAX tar to *out*.
 
@@ -118,6 +127,8 @@ def write_tar(
         out: where the archive goes; only ``write`` is used, in large writes.
         on_warning: called with each warning (a socket skipped, a ``.wh.`` name, …).
         on_progress: called with the number of file-content bytes written so far.
+        sparse: write files with holes as GNU sparse 1.0 members (as ``tar --sparse``);
+            ``False`` writes them dense, holes as zeros (for image layers).
 
     Returns:
         Counts of what was written, with the warnings.
@@ -127,7 +138,7 @@ def write_tar(
         Ova2imgError: whatever reading the items raised. In every failure (``KeyboardInterrupt``
             included) the archive is ended by :meth:`TarWriter.abort`, so that readers fail.
     """
-    writer = TarWriter(out, on_warning=on_warning, on_progress=on_progress)
+    writer = TarWriter(out, on_warning=on_warning, on_progress=on_progress, sparse=sparse)
     try:
         for item in items:
             writer.add(item)
@@ -137,8 +148,9 @@ def write_tar(
     return writer.finish()
 
 
-def measure_tar(items: Iterable[TreeItem]) -> TarStats:
-    """What :func:`write_tar` would write for *items*, from their metadata alone.
+def measure_tar(items: Iterable[TreeItem], *, sparse: bool = True) -> TarStats:
+    """What :func:`write_tar` would write for *items* (with the same *sparse*), from their
+    metadata alone.
 
     No file content is read and nothing is written; ``archive_bytes`` is the exact length of
     the archive :func:`write_tar` makes from the same items (members' sizes and sparse maps
@@ -146,7 +158,7 @@ def measure_tar(items: Iterable[TreeItem]) -> TarStats:
     where an archive's length must be known before its first byte (a tar member holding it,
     written to a pipe).
     """
-    writer = TarWriter(cast(BinaryIO, None), measure_only=True)
+    writer = TarWriter(cast(BinaryIO, None), measure_only=True, sparse=sparse)
     for item in items:
         writer.add(item)
     return writer.finish()
@@ -158,14 +170,16 @@ def member_header(name: bytes, size: int, *, mode: int = 0o644, mtime: int = 0) 
     GNU tar, Go's archive/tar, CPython). For containers of layers (image archives)."""
     if len(name) > 100 or not name.isascii():
         raise SinkError(f"{_show(name)}: member name longer than 100 bytes or not ASCII")
-    return _ustar_header(
-        name=name,
-        mode=mode,
-        uid=_octal(0, 8),
-        gid=_octal(0, 8),
-        size=_size_field(size),
-        mtime=_octal(mtime, 12),
-        typeflag=_REGTYPE,
+    return bytes(
+        _ustar_header(
+            name=name,
+            mode=mode,
+            uid=_octal(0, 8),
+            gid=_octal(0, 8),
+            size=_size_field(size),
+            mtime=_octal(mtime, 12),
+            typeflag=_REGTYPE,
+        )
     )
 
 
@@ -183,8 +197,11 @@ class TarWriter:
         on_warning: Callable[[str], None] | None = None,
         on_progress: Callable[[int], None] | None = None,
         measure_only: bool = False,
+        sparse: bool = True,
     ) -> None:
         self._out = out
+        #: GNU sparse members for files with holes; ``False``: plain members, holes as zeros
+        self._sparse = sparse
         self._on_warning = on_warning
         self._on_progress = on_progress
         #: count the archive's bytes without reading file contents nor writing (see
@@ -299,6 +316,12 @@ class TarWriter:
                 self._write(bytes(-size % BLOCK))
             self.stats.files += 1
             return
+        if not self._sparse:
+            self._member(item, name, _REGTYPE, size=size)
+            self._copy(item, name, runs, dense_size=size)
+            self._write(bytes(-size % BLOCK))
+            self.stats.files += 1
+            return
         # GNU sparse format 1.0 (GNU tar manual, "Storing Sparse Files", and sparse.c
         # pax_dump_header_1): the map lists every data run and always ends with the entry
         # (realsize, 0), as GNU tar writes it, even when the file ends with data.
@@ -317,17 +340,24 @@ class TarWriter:
         self.stats.files += 1
         self.stats.sparse_files += 1
 
-    def _copy(self, item: TreeItem, name: bytes, runs: list[DataRun]) -> None:
-        """Copy the data of *runs* from the item's stream, back to back (no padding)."""
+    def _copy(
+        self, item: TreeItem, name: bytes, runs: list[DataRun], *, dense_size: int | None = None
+    ) -> None:
+        """Copy the data of *runs* from the item's stream, back to back (no padding); with
+        *dense_size*, zeros fill the holes before, between and after the runs up to it."""
         if self._measure_only:
             # Sizes come from the metadata alone; the real pass fails rather than write a
             # member shorter than announced, so the two passes agree or the second one fails.
-            for _, length in runs:
-                self.stats.archive_bytes += length
-                self.stats.data_bytes += length
+            total = sum(length for _, length in runs) if dense_size is None else dense_size
+            self.stats.archive_bytes += total
+            self.stats.data_bytes += total
             return
+        done = 0  # file offset written so far (dense_size only)
         with item.open() as stream:
             for offset, length in runs:
+                if dense_size is not None:
+                    self._zeros(offset - done)
+                    done = offset + length
                 if offset:
                     stream.seek(offset)
                 pos, end = offset, offset + length
@@ -345,6 +375,18 @@ class TarWriter:
                     self.stats.data_bytes += len(chunk)
                     if self._on_progress is not None:
                         self._on_progress(self.stats.data_bytes)
+        if dense_size is not None:
+            self._zeros(dense_size - done)
+
+    def _zeros(self, count: int) -> None:
+        """Write *count* zero bytes of a hole (no read: holes read as zeros by definition)."""
+        while count > 0:
+            n = min(count, CHUNK)
+            self._write(_ZERO_CHUNK[:n])
+            count -= n
+            self.stats.data_bytes += n
+            if self._on_progress is not None:
+                self._on_progress(self.stats.data_bytes)
 
     def _member(
         self,
@@ -560,6 +602,10 @@ def _pax_record(keyword: bytes, value: bytes) -> bytes:
     return str(length).encode() + body
 
 
+#: the ustar header's fields (POSIX.1-2001 pax, "ustar Interchange Format"): 512 bytes
+_USTAR = struct.Struct("100s8s8s8s12s12s8s1s100s8s32s32s8s8s155s12s")
+
+
 def _ustar_header(
     *,
     name: bytes,
@@ -572,30 +618,30 @@ def _ustar_header(
     linkname: bytes = b"",
     devmajor: int = 0,
     devminor: int = 0,
-) -> bytes:
+) -> bytearray:
     """One 512-byte POSIX ustar header (names truncated: the full ones are in PAX records)."""
-    header = b"".join(
-        (
-            name[:100].ljust(100, b"\0"),
-            _octal(mode, 8),
+    header = bytearray(
+        _USTAR.pack(
+            name,  # struct's "s" truncates to the field and pads with NULs
+            b"%07o\0" % mode,
             uid,
             gid,
             size,
             mtime,
             b"        ",  # checksum placeholder: eight spaces while summing
             typeflag,
-            linkname[:100].ljust(100, b"\0"),
+            linkname,
             b"ustar\x0000",  # magic "ustar\0" and version "00"
-            bytes(32),  # uname: empty, owners are numeric (--numeric-owner)
-            bytes(32),  # gname
+            b"",  # uname: empty, owners are numeric (--numeric-owner)
+            b"",  # gname
             _number(devmajor, 8) or _base256(devmajor, 8),
             _number(devminor, 8) or _base256(devminor, 8),
-            bytes(155),  # prefix: unused, long names go in PAX `path`
-            bytes(12),
+            b"",  # prefix: unused, long names go in PAX `path`
+            b"",
         )
     )
-    checksum = b"%06o\0 " % sum(header)
-    return header[:148] + checksum + header[156:]
+    header[148:156] = b"%06o\0 " % sum(header)
+    return header
 
 
 __all__ = [

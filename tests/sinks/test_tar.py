@@ -618,6 +618,105 @@ def test_sparse_member_matches_gnu_tar(tmp_path: Path, layout: list[tuple[int, i
     assert not (dest / "GNUSparseFile.0").exists()
 
 
+
+@pytest.mark.parametrize(
+    "layout",
+    [[(409600, 8192)], [(0, 4096), (1 << 19, 4096), ((1 << 20) - 4096, 4096)], []],
+    ids=["middle", "ends", "empty"],
+)
+def test_dense_member_matches_gnu_tar_without_sparse(
+    tmp_path: Path, layout: list[tuple[int, int]]
+) -> None:
+    """``sparse=False`` (image layers) writes a file with holes as GNU tar does without
+    ``--sparse``: one plain member of the full size, holes as zeros."""
+    src = tmp_path / "src"
+    src.mkdir()
+    f = src / "sp"
+    with open(f, "wb") as fh:
+        fh.truncate(1 << 20)
+        for offset, length in layout:
+            fh.seek(offset)
+            fh.write(os.urandom(length))
+    os.utime(f, ns=(1_600_000_000 * NS, 1_700_000_000 * NS + 120_000_000))
+    runs = _data_runs(f)
+    assert runs == layout, "the scratch filesystem must report holes (SEEK_HOLE) exactly"
+    gnu_tar = tmp_path / "gnu.tar"
+    subprocess.run(
+        ["tar", "--format=pax", "--numeric-owner", "-C", src, "-cf", gnu_tar, "./sp"], check=True
+    )
+    st = os.stat(f)
+    content = f.read_bytes()
+    fs = FakeFS(entry(EntryType.DIR, 0o755))
+    fs.add(
+        b"sp",
+        entry(
+            EntryType.FILE,
+            stat.S_IMODE(st.st_mode),
+            uid=st.st_uid,
+            gid=st.st_gid,
+            size=st.st_size,
+            mtime_ns=st.st_mtime_ns,
+        ),
+        # only the runs can be read: the holes must come from the writer, not the stream
+        chunks={off: content[off : off + n] for off, n in runs},
+        runs=runs,
+    )
+    items = [i for i in fs.walk() if i.path]
+    ours, stats = build(items, sparse=False)
+    assert stats.sparse_files == 0 and stats.data_bytes == 1 << 20  # type: ignore[attr-defined]
+    assert tarmod.measure_tar(items, sparse=False).archive_bytes == len(ours)
+    ((g_name, g_hdr, g_rec),) = raw_headers(gnu_tar.read_bytes())
+    ((o_name, o_hdr, o_rec),) = raw_headers(ours)
+    assert o_name == g_name == b"./sp"
+    for key in (b"atime", b"ctime"):
+        g_rec.pop(key)  # GNU tar also stores atime/ctime; ova2img keeps mtime only
+    assert o_rec == g_rec and not any(k.startswith(b"GNU.sparse") for k in o_rec)
+    assert o_hdr == g_hdr  # mode, owners, size, mtime, type, checksum: all equal
+    with tarfile.open(fileobj=io.BytesIO(ours)) as tf:
+        member = tf.getmember("./sp")
+        assert member.sparse is None and member.size == 1 << 20
+        fh = tf.extractfile(member)
+        assert fh is not None
+        with fh:
+            assert fh.read() == content
+
+
+def test_dense_giant_sparse_file_streams_zeros() -> None:
+    """A 3 GiB file with 64 KiB of data, dense: the right length, the data in place, and the
+    writer's buffers stay small (the holes are written in chunks, never read)."""
+    fs = FakeFS(entry(EntryType.DIR, 0o755))
+    fs.add(
+        b"giant",
+        entry(EntryType.FILE, 0o644, size=GIANT_SIZE),
+        chunks={GIANT_AT: GIANT_DATA},
+        runs=[(GIANT_AT, len(GIANT_DATA))],
+    )
+
+    class Sink:
+        def __init__(self) -> None:
+            self.size = 0
+            self.largest = 0
+            self.window = b""
+
+        def write(self, data: bytes) -> int:
+            start = self.size
+            self.size += len(data)
+            self.largest = max(self.largest, len(data))
+            lo, hi = GIANT_AT - 4096 + 2 * BLOCK, GIANT_AT + len(GIANT_DATA) + 4096 + 2 * BLOCK
+            if start < hi and self.size > lo:
+                self.window += bytes(data)[max(lo - start, 0) : hi - start]
+            return len(data)
+
+    items = list(fs.walk())
+    sink = Sink()
+    stats = write_tar(items, sink, sparse=False)  # type: ignore[arg-type]
+    assert stats.sparse_files == 0
+    assert stats.archive_bytes == sink.size == tarmod.measure_tar(items, sparse=False).archive_bytes
+    assert sink.size >= GIANT_SIZE
+    assert sink.largest <= tarmod.CHUNK + tarmod.CHUNK // 4
+    # the headers of ./ and ./giant (no PAX records needed), then the data: at 2 blocks
+    assert sink.window == bytes(4096) + GIANT_DATA + bytes(4096)
+
 def test_empty_tree_is_just_the_end() -> None:
     data, stats = build([])
     assert data == bytes(RECORD)
