@@ -496,6 +496,10 @@ def convert(
                     out,
                     on_warning=lambda message: log.warning("%s", message),
                     on_progress=counter.data if on_progress else None,
+                    # A second writer process, except in lenient mode (its warnings about
+                    # unreadable content would come from that process).
+                    workers=1 if lenient else 2,
+                    child_setup=counter.silence,
                 )
         if ledger is not None and report is not None:
             ledger.write(report)
@@ -651,6 +655,10 @@ class _Counter:
             yield item
         if self.callback is not None:
             self.callback(self.bytes, self.entries)
+
+    def silence(self) -> None:
+        """No more callbacks (in the second writer process, which walks a copy of the tree)."""
+        self.callback = None
 
     def data(self, done: int) -> None:
         self.bytes = done

@@ -604,6 +604,8 @@ class _Layer:
             on_warning=lambda message: log.warning("%s", message),
             on_progress=counter.data if on_progress else None,
             sparse=False,
+            workers=2,
+            child_setup=counter.silence,
         )
 
     def write_report(self) -> None:

@@ -49,6 +49,7 @@ from ..assembly import TreeItem
 from ..errors import SinkError
 from ..filesystems.base import DataRun, EntryType
 from .output import write_all, write_error
+from .split import split_enabled, write_tar_split
 
 BLOCK = 512
 #: GNU tar's default record size (``-b 20``): the archive length is a multiple of it.
@@ -119,6 +120,8 @@ def write_tar(
     on_warning: Callable[[str], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
     sparse: bool = True,
+    workers: int = 1,
+    child_setup: Callable[[], None] | None = None,
 ) -> TarStats:
     """Write *items* (in the given order) as a PAX tar to *out*.
 
@@ -129,6 +132,10 @@ def write_tar(
         on_progress: called with the number of file-content bytes written so far.
         sparse: write files with holes as GNU sparse 1.0 members (as ``tar --sparse``);
             ``False`` writes them dense, holes as zeros (for image layers).
+        workers: 2 writes with a second process (:mod:`ova2img.sinks.split`; the same bytes),
+            where :func:`~ova2img.sinks.split.split_enabled` says it can; 1 writes alone.
+        child_setup: with two workers, run first in the second process (to cut callbacks
+            that *items* itself makes, such as progress).
 
     Returns:
         Counts of what was written, with the warnings.
@@ -138,7 +145,13 @@ def write_tar(
         Ova2imgError: whatever reading the items raised. In every failure (``KeyboardInterrupt``
             included) the archive is ended by :meth:`TarWriter.abort`, so that readers fail.
     """
-    writer = TarWriter(out, on_warning=on_warning, on_progress=on_progress, sparse=sparse)
+
+    def make_writer(stream: BinaryIO) -> TarWriter:
+        return TarWriter(stream, on_warning=on_warning, on_progress=on_progress, sparse=sparse)
+
+    if workers > 1 and split_enabled():
+        return write_tar_split(items, out, make_writer, child_setup)
+    writer = make_writer(out)
     try:
         for item in items:
             writer.add(item)
@@ -230,6 +243,53 @@ class TarWriter:
         if self._buf:
             self._emit(self._buf)
             self._buf = bytearray()
+
+    # -- two writers (see :mod:`ova2img.sinks.split`) ------------------------------------------
+
+    def account(self, item: TreeItem) -> None:
+        """Take note of an item the other writer writes: what later members depend on (the
+        first name of a hardlinked inode) advances exactly as :meth:`add` would advance it;
+        nothing is read, written or counted."""
+        entry = item.entry
+        if entry.nlink < 2 or entry.type is EntryType.DIR or entry.type is EntryType.SOCKET:
+            return
+        path = item.path
+        if b"\0" in path:
+            return  # add() refuses it: the other writer raises
+        key = item.link_key
+        seen = self._links.get(key)
+        if seen is not None:
+            first, left = seen
+            if left <= 1:
+                del self._links[key]
+            else:
+                self._links[key] = (first, left - 1)
+            return
+        self._links[key] = (b"./" + path if path else b"./", entry.nlink - 1)
+
+    def flush(self) -> None:
+        """Write out what is gathered in the buffer."""
+        self._flush()
+
+    def emit_raw(self, data: bytes) -> None:
+        """Write bytes made by the other writer (counted by :meth:`merge_stats`)."""
+        self._flush()
+        self._emit(data)
+
+    def merge_stats(self, delta: dict[str, int], warnings: list[str]) -> None:
+        """Add the other writer's counts for a batch, and raise its warnings here, in order."""
+        for name, value in delta.items():
+            setattr(self.stats, name, getattr(self.stats, name) + value)
+        for message in warnings:
+            self._warn(message)
+        if self._on_progress is not None:
+            self._on_progress(self.stats.data_bytes)
+
+    def quiet(self) -> None:
+        """No more warning nor progress callbacks (the second writer's copy: its warnings go
+        back to the first writer with its batches)."""
+        self._on_warning = None
+        self._on_progress = None
 
     def _emit(self, data: bytes | bytearray | memoryview) -> None:
         if self._measure_only:
