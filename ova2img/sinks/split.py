@@ -108,14 +108,21 @@ def write_tar_split(
     read_fd, write_fd = os.pipe()
     with contextlib.suppress(OSError):
         fcntl.fcntl(write_fd, _F_SETPIPE_SZ, PIPE_BYTES)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    with warnings.catch_warnings():
-        # Python 3.12+ warns that forking a threaded process may deadlock the child: the second
-        # writer runs only the walk and this module, and touches no lock another thread (rich's
-        # refresh, the Docker upload) may hold: logging is cut off and progress callbacks too.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        pid = os.fork()
+    for stream in (sys.stdout, sys.stderr):  # nothing buffered is written twice
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    try:
+        with warnings.catch_warnings():
+            # Python 3.12+ warns that forking a threaded process may deadlock the child: the
+            # second writer runs only the walk and this module, and touches no lock another
+            # thread (rich's refresh, the Docker upload) may hold: logging is cut off and
+            # progress callbacks too.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+    except OSError:  # no process to be had (a process limit, no memory): write alone
+        os.close(read_fd)
+        os.close(write_fd)
+        return _alone(items, make_writer(out))
     if pid == 0:
         code = 1
         try:
@@ -131,6 +138,16 @@ def write_tar_split(
     finally:
         pipe.close()
         _reap(pid)
+
+
+def _alone(items: Iterable[TreeItem], writer: TarWriter) -> TarStats:
+    try:
+        for item in items:
+            writer.add(item)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.finish()
 
 
 def _first(

@@ -128,3 +128,19 @@ def test_an_error_of_the_second_writer_is_raised_as_it_is(
         assert not (tmp_path / f"out{workers}.tar").exists()
     assert errors[0] == errors[1]
     assert "disk" in errors[0][1]
+
+
+def test_no_second_process_to_be_had_writes_alone(
+    image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _convert(image, tmp_path / "one.tar", "1", monkeypatch)
+
+    def no_fork() -> int:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(split.os, "fork", no_fork)
+    monkeypatch.setattr(split, "BATCH_ITEMS", 2)
+    fds = len(os.listdir("/proc/self/fd"))
+    _convert(image, tmp_path / "two.tar", "2", monkeypatch)
+    assert (tmp_path / "one.tar").read_bytes() == (tmp_path / "two.tar").read_bytes()
+    assert len(os.listdir("/proc/self/fd")) == fds  # the pipe was closed
