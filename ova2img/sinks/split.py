@@ -122,7 +122,7 @@ def write_tar_split(
     except OSError:  # no process to be had (a process limit, no memory): write alone
         os.close(read_fd)
         os.close(write_fd)
-        return _alone(items, make_writer(out))
+        return write_alone(items, make_writer(out))
     if pid == 0:
         code = 1
         try:
@@ -140,7 +140,8 @@ def write_tar_split(
         _reap(pid)
 
 
-def _alone(items: Iterable[TreeItem], writer: TarWriter) -> TarStats:
+def write_alone(items: Iterable[TreeItem], writer: TarWriter) -> TarStats:
+    """Write every item with *writer*, then end the archive (abort it on any failure)."""
     try:
         for item in items:
             writer.add(item)
@@ -333,4 +334,4 @@ def _reopen_files() -> None:
             os.close(new)
 
 
-__all__ = ["BATCH_BYTES", "BATCH_ITEMS", "split_enabled", "write_tar_split"]
+__all__ = ["BATCH_BYTES", "BATCH_ITEMS", "split_enabled", "write_alone", "write_tar_split"]

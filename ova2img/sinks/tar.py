@@ -49,7 +49,7 @@ from ..assembly import TreeItem
 from ..errors import SinkError
 from ..filesystems.base import DataRun, EntryType
 from .output import write_all, write_error
-from .split import split_enabled, write_tar_split
+from .split import split_enabled, write_alone, write_tar_split
 
 BLOCK = 512
 #: GNU tar's default record size (``-b 20``): the archive length is a multiple of it.
@@ -151,14 +151,7 @@ def write_tar(
 
     if workers > 1 and split_enabled():
         return write_tar_split(items, out, make_writer, child_setup)
-    writer = make_writer(out)
-    try:
-        for item in items:
-            writer.add(item)
-    except BaseException:
-        writer.abort()
-        raise
-    return writer.finish()
+    return write_alone(items, make_writer(out))
 
 
 def measure_tar(items: Iterable[TreeItem], *, sparse: bool = True) -> TarStats:
