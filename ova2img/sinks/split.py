@@ -238,6 +238,8 @@ class _FrameSink:
         self._buf = bytearray()
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
+        if not data:
+            return 0  # a frame of length 0 would end the batch
         self._buf += _FRAME.pack(len(data))
         self._buf += data
         if len(self._buf) >= BATCH_BUFFER:
