@@ -67,7 +67,13 @@ def split_enabled() -> bool:
     wanted = os.environ.get("OVA2IMG_WORKERS", "").strip()
     if wanted and wanted != "2":
         return False
-    return sys.platform == "linux" and hasattr(os, "fork") and (os.cpu_count() or 1) > 1
+    return (
+        sys.platform == "linux"
+        and hasattr(os, "fork")
+        and (os.cpu_count() or 1) > 1
+        # the second writer reopens its inherited files there (no /proc: write alone)
+        and Path("/proc/self/fd").is_dir()
+    )
 
 
 class _Batches:
@@ -292,8 +298,13 @@ def _second(
             logger.propagate = False
     if child_setup is not None:
         child_setup()
-    _reopen_files()
     sink = _FrameSink(fd)
+    try:
+        _reopen_files()
+    except BaseException as exc:  # the first process raises it where our first batch begins
+        with contextlib.suppress(OSError):
+            sink.fail(exc)
+        return
     writer = make_writer(cast(BinaryIO, sink))
     writer.quiet()
     batches = _Batches()
