@@ -9,7 +9,6 @@ kernel loop mount walked with ``os.lstat``/``listxattr``/``getxattr``/``readlink
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import os
 import random
@@ -19,16 +18,15 @@ import stat
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from dissect.extfs import ExtFS
+from support.walks import Seen, adapter_walk, assert_same_walk, kernel_walk, seek_runs
 
 from ova2img.errors import FilesystemError
-from ova2img.filesystems.base import EntryType
 from ova2img.filesystems.ext import ExtFilesystem
 
 MiB = 1 << 20
@@ -156,163 +154,6 @@ def build_image(path: Path, mkfs_args: tuple[str, ...], *, unwritten: bool) -> P
     # Rebuild every directory index, as fidelity.md asks (mke2fs -d never builds an htree).
     run("e2fsck", "-fyD", path, ok=(0, 1))
     return path
-
-
-# -- the walk comparison ------------------------------------------------------------------------
-
-
-@dataclass
-class Seen:
-    """What one path looks like, from either side."""
-
-    type: str
-    mode: int
-    uid: int
-    gid: int
-    size: int
-    mtime_ns: int
-    atime_ns: int
-    ctime_ns: int
-    nlink: int
-    inode: int
-    rdev: tuple[int, int]
-    xattrs: dict[str, bytes]
-    target: bytes
-    sha256: str | None
-    runs: list[tuple[int, int]] | None
-
-
-_KIND = {
-    stat.S_IFREG: "file",
-    stat.S_IFDIR: "dir",
-    stat.S_IFLNK: "symlink",
-    stat.S_IFCHR: "char",
-    stat.S_IFBLK: "block",
-    stat.S_IFIFO: "fifo",
-    stat.S_IFSOCK: "socket",
-}
-
-
-def _seek_runs(fd: int, size: int) -> list[tuple[int, int]]:
-    runs: list[tuple[int, int]] = []
-    pos = 0
-    while pos < size:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:
-                break
-            raise
-        hole = os.lseek(fd, data, os.SEEK_HOLE)
-        runs.append((data, hole - data))
-        pos = hole
-    return runs
-
-
-def _sha(read: Callable[[int], bytes]) -> str:
-    h = hashlib.sha256()
-    while chunk := read(MiB):
-        h.update(chunk)
-    return h.hexdigest()
-
-
-def kernel_walk(mnt: Path) -> dict[bytes, Seen]:
-    """Walk a mounted filesystem the way tar would see it."""
-    out: dict[bytes, Seen] = {}
-    root = os.fsencode(mnt)
-
-    def visit(rel: bytes) -> None:
-        path = root + rel if rel != b"/" else root
-        st = os.lstat(path)
-        kind = _KIND[stat.S_IFMT(st.st_mode)]
-        xattrs = {
-            n: os.getxattr(path, n, follow_symlinks=False)
-            for n in os.listxattr(path, follow_symlinks=False)
-        }
-        sha = runs = None
-        target = b""
-        if kind == "file":
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                runs = _seek_runs(fd, st.st_size)  # before reading: the page cache changes it
-                os.lseek(fd, 0, os.SEEK_SET)
-                with os.fdopen(os.dup(fd), "rb") as fh:
-                    sha = _sha(fh.read)
-            finally:
-                os.close(fd)
-        elif kind == "symlink":
-            target = os.readlink(path)
-        rdev = (os.major(st.st_rdev), os.minor(st.st_rdev)) if kind in ("char", "block") else (0, 0)
-        out[rel] = Seen(
-            kind,
-            stat.S_IMODE(st.st_mode),
-            st.st_uid,
-            st.st_gid,
-            st.st_size,
-            st.st_mtime_ns,
-            st.st_atime_ns,
-            st.st_ctime_ns,
-            st.st_nlink,
-            st.st_ino,
-            rdev,
-            xattrs,
-            target,
-            sha,
-            runs,
-        )
-        if kind == "dir":
-            for name in os.listdir(path):
-                visit((rel if rel != b"/" else b"") + b"/" + name)
-
-    visit(b"/")
-    return out
-
-
-def adapter_walk(fs: ExtFilesystem) -> dict[bytes, Seen]:
-    out: dict[bytes, Seen] = {}
-
-    def visit(rel: bytes, handle: object) -> None:
-        e = fs.stat(handle)
-        sha = runs = None
-        if e.type is EntryType.FILE:
-            runs = fs.data_runs(handle)
-            with fs.open(handle) as fh:
-                sha = _sha(fh.read)
-        out[rel] = Seen(
-            e.type.value,
-            e.mode,
-            e.uid,
-            e.gid,
-            e.size,
-            e.mtime_ns,
-            e.atime_ns,
-            e.ctime_ns,
-            e.nlink,
-            e.inode,
-            (e.rdev_major, e.rdev_minor),
-            e.xattrs,
-            e.link_target,
-            sha,
-            runs,
-        )
-        if e.type is EntryType.DIR:
-            for name, child in fs.iterdir(handle):
-                visit((rel if rel != b"/" else b"") + b"/" + name, child)
-
-    visit(b"/", fs.root())
-    return out
-
-
-def assert_same_walk(ours: dict[bytes, Seen], ref: dict[bytes, Seen]) -> None:
-    assert sorted(ours) == sorted(ref), set(ours) ^ set(ref)
-    diffs = []
-    for path, want in ref.items():
-        got = ours[path]
-        for field in Seen.__dataclass_fields__:
-            if getattr(got, field) != getattr(want, field):
-                ours_v, ref_v = getattr(got, field), getattr(want, field)
-                diffs.append(f"{path!r} {field}: ours {ours_v!r} kernel {ref_v!r}")
-    assert not diffs, "\n".join(diffs[:40])
 
 
 # -- fixtures -------------------------------------------------------------------------------------
@@ -627,7 +468,7 @@ def test_blockmap_5gib_sparse(require_root: None, tmp_path: Path, kind: str) -> 
     with mounted(img) as m:
         fd = os.open(m / "huge", os.O_RDONLY)
         try:
-            want_runs = _seek_runs(fd, 5 << 30)
+            want_runs = seek_runs(fd, 5 << 30)
             want_tail = os.pread(fd, MiB, (5 << 30) - MiB)
             want_mid = os.pread(fd, 20000, (1 << 30) - 4000)
         finally:

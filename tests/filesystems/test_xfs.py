@@ -11,7 +11,6 @@ Each dissect.xfs gap the adapter fixes is shown on the unpatched library.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import os
 import random
@@ -20,12 +19,12 @@ import shutil
 import stat
 import subprocess
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from dissect.xfs import XFS
+from support.walks import Seen, adapter_walk, assert_same_walk, kernel_walk
 
 from ova2img.errors import FilesystemError
 from ova2img.filesystems.base import EntryType
@@ -185,163 +184,6 @@ def build_image(path: Path, args: tuple[str, ...], block_size: int) -> Path:
         inum = os.stat(m / "fallocated").st_ino
     assert stale_unwritten(path, inum, block_size) > 0
     return path
-
-
-# -- the walk comparison ------------------------------------------------------------------------
-
-
-@dataclass
-class Seen:
-    """What one path looks like, from either side."""
-
-    type: str
-    mode: int
-    uid: int
-    gid: int
-    size: int
-    mtime_ns: int
-    atime_ns: int
-    ctime_ns: int
-    nlink: int
-    inode: int
-    rdev: tuple[int, int]
-    xattrs: dict[str, bytes]
-    target: bytes
-    sha256: str | None
-    runs: list[tuple[int, int]] | None
-
-
-_KIND = {
-    stat.S_IFREG: "file",
-    stat.S_IFDIR: "dir",
-    stat.S_IFLNK: "symlink",
-    stat.S_IFCHR: "char",
-    stat.S_IFBLK: "block",
-    stat.S_IFIFO: "fifo",
-    stat.S_IFSOCK: "socket",
-}
-
-
-def _seek_runs(fd: int, size: int) -> list[tuple[int, int]]:
-    runs: list[tuple[int, int]] = []
-    pos = 0
-    while pos < size:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:
-                break
-            raise
-        hole = os.lseek(fd, data, os.SEEK_HOLE)
-        runs.append((data, hole - data))
-        pos = hole
-    return runs
-
-
-def _sha(read: Callable[[int], bytes]) -> str:
-    h = hashlib.sha256()
-    while chunk := read(MiB):
-        h.update(chunk)
-    return h.hexdigest()
-
-
-def kernel_walk(mnt: Path) -> dict[bytes, Seen]:
-    """Walk a mounted filesystem the way tar would see it."""
-    out: dict[bytes, Seen] = {}
-    root = os.fsencode(mnt)
-
-    def visit(rel: bytes) -> None:
-        path = root + rel if rel != b"/" else root
-        st = os.lstat(path)
-        kind = _KIND[stat.S_IFMT(st.st_mode)]
-        xattrs = {
-            n: os.getxattr(path, n, follow_symlinks=False)
-            for n in os.listxattr(path, follow_symlinks=False)
-        }
-        sha = runs = None
-        target = b""
-        if kind == "file":
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                runs = _seek_runs(fd, st.st_size)  # before reading: the page cache changes it
-                with os.fdopen(os.dup(fd), "rb") as fh:
-                    fh.seek(0)
-                    sha = _sha(fh.read)
-            finally:
-                os.close(fd)
-        elif kind == "symlink":
-            target = os.readlink(path)
-        rdev = (os.major(st.st_rdev), os.minor(st.st_rdev)) if kind in ("char", "block") else (0, 0)
-        out[rel] = Seen(
-            kind,
-            stat.S_IMODE(st.st_mode),
-            st.st_uid,
-            st.st_gid,
-            st.st_size,
-            st.st_mtime_ns,
-            st.st_atime_ns,
-            st.st_ctime_ns,
-            st.st_nlink,
-            st.st_ino,
-            rdev,
-            xattrs,
-            target,
-            sha,
-            runs,
-        )
-        if kind == "dir":
-            for name in os.listdir(path):
-                visit((rel if rel != b"/" else b"") + b"/" + name)
-
-    visit(b"/")
-    return out
-
-
-def adapter_walk(fs: XfsFilesystem) -> dict[bytes, Seen]:
-    out: dict[bytes, Seen] = {}
-
-    def visit(rel: bytes, handle: object) -> None:
-        e = fs.stat(handle)
-        sha = runs = None
-        if e.type is EntryType.FILE:
-            runs = fs.data_runs(handle)
-            with fs.open(handle) as fh:
-                sha = _sha(fh.read)
-        out[rel] = Seen(
-            e.type.value,
-            e.mode,
-            e.uid,
-            e.gid,
-            e.size,
-            e.mtime_ns,
-            e.atime_ns,
-            e.ctime_ns,
-            e.nlink,
-            e.inode,
-            (e.rdev_major, e.rdev_minor),
-            e.xattrs,
-            e.link_target,
-            sha,
-            runs,
-        )
-        if e.type is EntryType.DIR:
-            for name, child in fs.iterdir(handle):
-                visit((rel if rel != b"/" else b"") + b"/" + name, child)
-
-    visit(b"/", fs.root())
-    return out
-
-
-def assert_same_walk(ours: dict[bytes, Seen], ref: dict[bytes, Seen]) -> None:
-    assert sorted(ours) == sorted(ref), set(ours) ^ set(ref)
-    diffs = []
-    for path, want in ref.items():
-        got = ours[path]
-        for name in Seen.__dataclass_fields__:
-            if getattr(got, name) != getattr(want, name):
-                ours_v, ref_v = getattr(got, name), getattr(want, name)
-                diffs.append(f"{path!r} {name}: ours {ours_v!r} kernel {ref_v!r}")
-    assert not diffs, "\n".join(diffs[:40])
 
 
 # -- fixtures -------------------------------------------------------------------------------------
