@@ -41,17 +41,34 @@ def docker_engine() -> Iterator[str]:
     if _answers(existing):
         yield existing
         return
-    dockerd = shutil.which("dockerd")
-    if dockerd is None or os.geteuid() != 0:
+    if shutil.which("dockerd") is None or os.geteuid() != 0:
         raise RuntimeError("no Docker engine answers and dockerd cannot be started (needs root)")
+    with private_dockerd() as url:
+        yield url
+
+
+@contextlib.contextmanager
+def private_dockerd(extra: tuple[str, ...] = (), *, name: str = "dockerd") -> Iterator[str]:
+    """Start a private ``dockerd`` (vfs, no iptables, no bridge; *extra* options too), yield its
+    ``unix://`` URL, stop it and remove its directories at the end.
+
+    Raises:
+        RuntimeError: it did not come up in 60 s (the tail of its log says why).
+    """
+    dockerd = shutil.which("dockerd")
+    if dockerd is None:
+        raise RuntimeError("dockerd is not installed")
     # Unix socket paths are limited to 108 bytes: keep the directory short.
     top = Path(tempfile.mkdtemp(prefix="o2id-", dir="/tmp"))
+    # a remapped root (e.g. uid 231072 with --userns-remap) must traverse the data root's parents
+    top.chmod(0o711)
     sock = top / "d.sock"
     url = f"unix://{sock}"
     log = (top / "dockerd.log").open("wb")
     proc = subprocess.Popen(
         [
             dockerd,
+            *extra,
             "--storage-driver",
             "vfs",
             "--iptables=false",
@@ -75,7 +92,7 @@ def docker_engine() -> Iterator[str]:
         while not _answers(url):
             if proc.poll() is not None or time.monotonic() > deadline:
                 tail = (top / "dockerd.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"dockerd did not come up: {tail}")
+                raise RuntimeError(f"{name} did not come up: {tail}")
             time.sleep(0.3)
         yield url
     finally:
@@ -87,10 +104,8 @@ def docker_engine() -> Iterator[str]:
             proc.wait()
         log.close()
         # vfs layers are plain directories, but dockerd may leave mounts (netns, shm) behind.
-        subprocess.run(
-            ["umount", "-R", "-l", str(top / "data")], check=False, stderr=subprocess.DEVNULL
-        )
-        subprocess.run(
-            ["umount", "-R", "-l", str(top / "x")], check=False, stderr=subprocess.DEVNULL
-        )
+        for sub in ("data", "x"):
+            subprocess.run(
+                ["umount", "-R", "-l", str(top / sub)], check=False, stderr=subprocess.DEVNULL
+            )
         shutil.rmtree(top, ignore_errors=True)

@@ -8,16 +8,13 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import tarfile
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from engine import _answers
+from engine import private_dockerd
 from support.compare import read_tree
 from test_profile import Seed, build_seed
 
@@ -126,7 +123,7 @@ def test_clamp_and_remap_keep_passwd_consistent(seed: Seed, tmp_path: Path) -> N
 
 
 # --------------------------------------------------------------------------------------------
-# A second, userns-remapped dockerd (adapted from tests/engine.py)
+# A second, userns-remapped dockerd
 
 
 def _ensure_dockremap() -> None:
@@ -160,55 +157,8 @@ def remapped_engine() -> Iterator[str]:
     if dockerd is None or os.geteuid() != 0:
         pytest.skip("needs root and dockerd for a userns-remapped engine")
     _ensure_dockremap()
-    top = Path(tempfile.mkdtemp(prefix="o2ir-", dir="/tmp"))
-    # the remapped root (uid 231072) must traverse the data root's parents
-    top.chmod(0o711)
-    sock = top / "d.sock"
-    url = f"unix://{sock}"
-    log = (top / "dockerd.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            dockerd,
-            "--userns-remap=default",
-            "--storage-driver",
-            "vfs",
-            "--iptables=false",
-            "--ip6tables=false",
-            "--bridge=none",
-            "-H",
-            url,
-            "--data-root",
-            str(top / "data"),
-            "--exec-root",
-            str(top / "x"),
-            "--pidfile",
-            str(top / "d.pid"),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not _answers(url):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tail = (top / "dockerd.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"userns-remapped dockerd did not come up: {tail}")
-            time.sleep(0.3)
+    with private_dockerd(("--userns-remap=default",), name="userns-remapped dockerd") as url:
         yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        for sub in ("data", "x"):
-            subprocess.run(
-                ["umount", "-R", "-l", str(top / sub)], check=False, stderr=subprocess.DEVNULL
-            )
-        shutil.rmtree(top, ignore_errors=True)
 
 
 def test_remapped_ids_import_under_userns_remap(seed: Seed, tmp_path: Path) -> None:
