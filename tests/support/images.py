@@ -657,7 +657,8 @@ def qemu_virtual_size(image: Path) -> int:
     return int(json.loads(_run(["qemu-img", "info", "--output=json", image]))["virtual-size"])
 
 
-_CID = re.compile(rb"\bCID=[0-9a-f]{8}\b")
+# qemu-img writes the CID as "%x": 1 to 8 hex digits (block/vmdk.c desc_template).
+_CID = re.compile(rb"\bCID=[0-9a-f]{1,8}\b")
 
 
 def to_vmdk(
@@ -670,7 +671,8 @@ def to_vmdk(
     """``qemu-img convert -f raw -O vmdk -o subformat=…``; return ``out``.
 
     ``fixed_cid`` replaces the random content ID qemu-img writes into the descriptor
-    (``CID=xxxxxxxx``, same length, so no offset moves) to make the file reproducible.
+    (``CID=%x``) with 8 digits, to make the file reproducible; no offset moves (in a sparse
+    VMDK, a shorter CID's missing digits come out of the descriptor's NUL padding).
     """
     out.unlink(missing_ok=True)
     _run(
@@ -681,10 +683,19 @@ def to_vmdk(
         # (VMDK spec 1.1 §"The Descriptor File"); qemu puts it at sector 1.
         with out.open("r+b") as f:
             head = f.read(64 * 1024)
-            new = _CID.sub(f"CID={fixed_cid:08x}".encode(), head, count=1)
-            if new != head:
+            m = _CID.search(head)
+            if m is not None:
+                cid = f"CID={fixed_cid:08x}".encode()
+                rest = head[m.end() :]
+                grow = len(cid) - len(m.group(0))
+                if grow and head.startswith(b"KDMV"):
+                    # An embedded descriptor lives in a fixed, NUL-padded area (descriptorSize
+                    # sectors from descriptorOffset): take the extra bytes from its padding.
+                    pad = rest.find(b"\0" * grow)
+                    assert pad >= 0, "no padding after the VMDK descriptor"
+                    rest = rest[:pad] + rest[pad + grow :]
                 f.seek(0)
-                f.write(new)
+                f.write(head[: m.start()] + cid + rest)  # a descriptor file may grow: fine
     return out
 
 
