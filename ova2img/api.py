@@ -477,16 +477,7 @@ def convert(
             items: Iterator[TreeItem] = guest.walk(
                 exclude=exclude, path=guest_path(guest, path), lenient=lenient
             )
-            ready = plan_ready(
-                guest,
-                path=path,
-                profile=profile,
-                ops=ops,
-                no_ops=no_ops,
-                ids=ids,
-                devices=devices,
-                whiteouts=whiteouts,
-            )
+            ready = ReadyOptions(profile, ops, no_ops, ids, devices, whiteouts).plan(guest, path)
             ledger = ready.ledger() if report is not None else None
             items = ready.apply(guest, items, ledger)
             counter = _Counter(on_progress)
@@ -511,7 +502,7 @@ def convert(
 @dataclass(frozen=True)
 class ReadyPlan:
     """The container-ready options of one conversion, checked and planned before any output
-    (:func:`plan_ready`); :meth:`apply` puts them on a walk of the guest. Used by
+    (:meth:`ReadyOptions.plan`); :meth:`apply` puts them on a walk of the guest. Used by
     :func:`convert` and by :mod:`ova2img.images` (which applies it to two walks: one to
     measure the layer, one to write it).
 
@@ -557,72 +548,59 @@ class ReadyPlan:
         )
 
 
-def plan_ready(
-    guest: Guest,
-    *,
-    path: str | bytes | None = None,
-    profile: str | None = None,
-    ops: Sequence[str] = (),
-    no_ops: Sequence[str] = (),
-    ids: str | None = None,
-    devices: str = "keep",
-    whiteouts: str = "keep",
-) -> ReadyPlan:
-    """Check the container-ready options of :func:`convert` (:func:`check_ready`) and plan
-    them on *guest* (``ids`` walks the guest's metadata once).
+@dataclass(frozen=True)
+class ReadyOptions:
+    """The container-ready options of one conversion as the caller gave them (see
+    :func:`convert`): checked by :meth:`check` before anything is read, planned on the guest
+    by :meth:`plan`. Used by :func:`convert` and by :mod:`ova2img.images`."""
 
-    Raises:
-        UsageError: see :func:`check_ready`.
-        UnsupportedError: ``ids="remap"`` finds more big ids than free ones.
-    """
-    from .profile import plan_ids
+    profile: str | None = None
+    ops: Sequence[str] = ()
+    no_ops: Sequence[str] = ()
+    ids: str | None = None
+    devices: str = "keep"
+    whiteouts: str = "keep"
 
-    chosen = check_ready(
-        path=path,
-        profile=profile,
-        ops=ops,
-        no_ops=no_ops,
-        ids=ids,
-        devices=devices,
-        whiteouts=whiteouts,
-    )
-    return ReadyPlan(
-        profile=profile,
-        ops=tuple(chosen),
-        ids=plan_ids(guest, ids) if ids else None,  # type: ignore[arg-type]
-        devices=devices,
-        whiteouts=whiteouts,
-    )
+    def check(self, path: str | bytes | None = None) -> list[str]:
+        """Check the options without the guest (so that a usage error comes before any
+        reading or connecting); returns the operations chosen.
 
+        Raises:
+            UsageError: an unknown profile, operation or mode; operations with *path*.
+        """
+        from .profile import select_operations
 
-def check_ready(
-    *,
-    path: str | bytes | None = None,
-    profile: str | None = None,
-    ops: Sequence[str] = (),
-    no_ops: Sequence[str] = (),
-    ids: str | None = None,
-    devices: str = "keep",
-    whiteouts: str = "keep",
-) -> list[str]:
-    """Check the container-ready options without the guest (so that a usage error comes
-    before any reading or connecting); returns the operations chosen.
+        chosen = select_operations(self.profile, self.ops, self.no_ops)
+        if path is not None and chosen:
+            raise UsageError("--profile/--op work on the whole guest, not with --path")
+        if self.ids not in (None, "remap", "clamp"):
+            raise UsageError(f"unknown id mode {self.ids!r}; known: remap, clamp")
+        if self.devices not in ("keep", "drop"):
+            raise UsageError(f"unknown devices mode {self.devices!r}; known: keep, drop")
+        if self.whiteouts not in ("keep", "rename", "refuse"):
+            raise UsageError(
+                f"unknown whiteouts mode {self.whiteouts!r}; known: keep, rename, refuse"
+            )
+        return chosen
 
-    Raises:
-        UsageError: an unknown profile, operation or mode; operations with *path*.
-    """
-    from .profile import select_operations
+    def plan(self, guest: Guest, path: str | bytes | None = None) -> ReadyPlan:
+        """:meth:`check`, then plan the options on *guest* (``ids`` walks the guest's
+        metadata once).
 
-    chosen = select_operations(profile, ops, no_ops)
-    if path is not None and chosen:
-        raise UsageError("--profile/--op work on the whole guest, not with --path")
-    if ids not in (None, "remap", "clamp"):
-        raise UsageError(f"unknown id mode {ids!r}; known: remap, clamp")
-    if devices not in ("keep", "drop"):
-        raise UsageError(f"unknown devices mode {devices!r}; known: keep, drop")
-    if whiteouts not in ("keep", "rename", "refuse"):
-        raise UsageError(f"unknown whiteouts mode {whiteouts!r}; known: keep, rename, refuse")
-    return chosen
+        Raises:
+            UsageError: see :meth:`check`.
+            UnsupportedError: ``ids="remap"`` finds more big ids than free ones.
+        """
+        from .profile import plan_ids
+
+        chosen = self.check(path)
+        return ReadyPlan(
+            profile=self.profile,
+            ops=tuple(chosen),
+            ids=plan_ids(guest, self.ids) if self.ids else None,  # type: ignore[arg-type]
+            devices=self.devices,
+            whiteouts=self.whiteouts,
+        )
 
 
 def guest_path(guest: Guest, path: str | bytes | None) -> bytes | None:

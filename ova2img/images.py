@@ -11,7 +11,7 @@ complete image — the same tarball as its one layer, plus a configuration so th
 The configuration starts from the guest (:func:`guest_config`) and ``--change`` instructions
 (:func:`ova2img.sinks.config.apply_changes`) override it. The container-ready options of
 :func:`ova2img.convert` (``profile``, ``ops``, ``ids``, ``devices``, ``whiteouts``, ``report``)
-apply to the layer the same way (:func:`ova2img.api.plan_ready`).
+apply to the layer the same way (:meth:`ova2img.api.ReadyOptions.plan`).
 
 Unlike the rootfs tarball, the layer holds sparse files dense (holes as zeros, plain tar
 members): Docker's layer store cannot give back (``docker save``) a layer imported from GNU
@@ -27,6 +27,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import logging
@@ -40,7 +41,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from ._version import __version__
-from .api import Guest, PathLike, ReadyPlan, _Counter, check_ready, guest_path, plan_ready
+from .api import (
+    Guest,
+    PathLike,
+    ReadyOptions,
+    ReadyPlan,
+    _Counter,
+    _WarningCollector,
+    guest_path,
+)
 from .api import open as open_guest
 from .errors import SinkError, UsageError
 from .filesystems.base import EntryType
@@ -281,15 +290,6 @@ def _created() -> str:
     return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-class _WarningCollector(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 # -- the two conversions ------------------------------------------------------------------------
 
 
@@ -352,47 +352,25 @@ def convert_to_engine(
 
     tag = normalise_repo_tag(repo_tag)
     change_list = check_changes(changes)
-    check_ready(
-        path=path,
-        profile=profile,
-        ops=ops,
-        no_ops=no_ops,
-        ids=ids,
-        devices=devices,
-        whiteouts=whiteouts,
-    )
+    ready = ReadyOptions(profile, ops, no_ops, ids, devices, whiteouts)
+    ready.check(path)
     client = connect(docker_host)
     url = engine_url(docker_host)
-    collector = _WarningCollector()
-    log.addHandler(collector)
+    warnings: list[str] = []
     try:
-        with open_guest(
+        with _guest_layer(
             source,
             root=root,
             use_fstab=use_fstab,
             verify_manifest=verify_manifest,
             allow_external=allow_external,
-        ) as guest:
-            name, digest = _source_label(source)
-            config = guest_config(
-                guest, source_name=name, source_sha256=digest, changes=change_list
-            )
-            layer = _Layer(
-                guest,
-                exclude,
-                guest_path(guest, path),
-                plan_ready(
-                    guest,
-                    path=path,
-                    profile=profile,
-                    ops=ops,
-                    no_ops=no_ops,
-                    ids=ids,
-                    devices=devices,
-                    whiteouts=whiteouts,
-                ),
-                report,
-            )
+            changes=change_list,
+            exclude=exclude,
+            path=path,
+            ready=ready,
+            report=report,
+            warnings=warnings,
+        ) as (layer, config, name):
             size = layer.measure()
 
             def produce(out: BinaryIO) -> ImageStats:
@@ -410,7 +388,6 @@ def convert_to_engine(
             stats, image_id = load_stream(produce, repo_tag=tag, client=client, url=url)
             layer.write_report()
     finally:
-        log.removeHandler(collector)
         client.close()
     return EngineResult(
         repo_tag=tag,
@@ -420,7 +397,7 @@ def convert_to_engine(
         entries=stats.tar.entries,
         data_bytes=stats.tar.data_bytes,
         layer_bytes=stats.layer_size,
-        warnings=collector.messages,
+        warnings=warnings,
     )
 
 
@@ -490,65 +467,40 @@ def convert_to_image(
         raise UsageError("a gzip'd layer is for --format oci only (docker load takes a tar)")
     tag = normalise_repo_tag(repo_tag) if repo_tag else None
     change_list = check_changes(changes)
-    check_ready(
-        path=path,
-        profile=profile,
-        ops=ops,
-        no_ops=no_ops,
-        ids=ids,
-        devices=devices,
-        whiteouts=whiteouts,
-    )
+    ready = ReadyOptions(profile, ops, no_ops, ids, devices, whiteouts)
+    ready.check(path)
     out_path = os.fspath(output)
-    collector = _WarningCollector()
-    log.addHandler(collector)
-    try:
-        with open_guest(
-            source,
-            root=root,
-            use_fstab=use_fstab,
-            verify_manifest=verify_manifest,
-            allow_external=allow_external,
-        ) as guest:
-            name, digest = _source_label(source)
-            config = guest_config(
-                guest, source_name=name, source_sha256=digest, changes=change_list
+    warnings: list[str] = []
+    with _guest_layer(
+        source,
+        root=root,
+        use_fstab=use_fstab,
+        verify_manifest=verify_manifest,
+        allow_external=allow_external,
+        changes=change_list,
+        exclude=exclude,
+        path=path,
+        ready=ready,
+        report=report,
+        warnings=warnings,
+    ) as (layer, config, name):
+        size: int | None = None
+        if out_path == "-" and format == "docker-archive":
+            size = layer.measure()
+        with open_output(out_path, compression="none") as out:
+            stats = write_image(
+                lambda sink: layer.write(sink, on_progress),
+                out,
+                format=format,
+                config=config,
+                created=_created(),
+                created_by=f"ova2img {__version__} convert {name}",
+                repo_tag=tag,
+                gzip_layer=gzip_layer,
+                patch=None if out_path == "-" else _patcher(out),
+                layer_size=size,
             )
-            layer = _Layer(
-                guest,
-                exclude,
-                guest_path(guest, path),
-                plan_ready(
-                    guest,
-                    path=path,
-                    profile=profile,
-                    ops=ops,
-                    no_ops=no_ops,
-                    ids=ids,
-                    devices=devices,
-                    whiteouts=whiteouts,
-                ),
-                report,
-            )
-            size: int | None = None
-            if out_path == "-" and format == "docker-archive":
-                size = layer.measure()
-            with open_output(out_path, compression="none") as out:
-                stats = write_image(
-                    lambda sink: layer.write(sink, on_progress),
-                    out,
-                    format=format,
-                    config=config,
-                    created=_created(),
-                    created_by=f"ova2img {__version__} convert {name}",
-                    repo_tag=tag,
-                    gzip_layer=gzip_layer,
-                    patch=None if out_path == "-" else _patcher(out),
-                    layer_size=size,
-                )
-            layer.write_report()
-    finally:
-        log.removeHandler(collector)
+        layer.write_report()
     return ImageResult(
         output=out_path,
         format=format,
@@ -563,8 +515,44 @@ def convert_to_image(
         entries=stats.tar.entries,
         data_bytes=stats.tar.data_bytes,
         archive_bytes=stats.archive_bytes,
-        warnings=collector.messages,
+        warnings=warnings,
     )
+
+
+@contextlib.contextmanager
+def _guest_layer(
+    source: PathLike | Sequence[PathLike],
+    *,
+    root: str | None,
+    use_fstab: bool,
+    verify_manifest: bool,
+    allow_external: bool,
+    changes: list[str],
+    exclude: Iterable[str],
+    path: str | bytes | None,
+    ready: ReadyOptions,
+    report: PathLike | None,
+    warnings: list[str],
+) -> Iterator[tuple[_Layer, ImageConfig, str]]:
+    """The opened guest's layer (the container-ready plan on it), its image config and the
+    source's name, for both conversions; the warnings logged meanwhile go to *warnings*."""
+    collector = _WarningCollector()
+    collector.messages = warnings
+    log.addHandler(collector)
+    try:
+        with open_guest(
+            source,
+            root=root,
+            use_fstab=use_fstab,
+            verify_manifest=verify_manifest,
+            allow_external=allow_external,
+        ) as guest:
+            name, digest = _source_label(source)
+            config = guest_config(guest, source_name=name, source_sha256=digest, changes=changes)
+            plan = ready.plan(guest, path)
+            yield _Layer(guest, exclude, guest_path(guest, path), plan, report), config, name
+    finally:
+        log.removeHandler(collector)
 
 
 class _Layer:
