@@ -17,12 +17,12 @@ blocks, and a random read inflates at most ``interval`` bytes (16 MiB up to 1 Gi
 from __future__ import annotations
 
 import bisect
-import io
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO
 
+from .._stream import PositionedReader
 from ..errors import SourceError
 
 INPUT_CHUNK = 16 * 1024
@@ -33,50 +33,19 @@ FIRST_INTERVAL = 16 * 1024 * 1024
 MAX_CHECKPOINTS = 64
 
 
-class _Readable(io.RawIOBase):
-    """A read-only seekable stream over ``_pread``."""
+class _Readable(PositionedReader):
+    """A :class:`~ova2img._stream.PositionedReader` whose subclasses set ``size`` (and
+    ``label``) and give ``_pread``, called with ranges already clamped to the size."""
 
-    size: int = 0
-    _pos: int = 0
+    def __init__(self) -> None:
+        super().__init__(0, "")
 
     def _pread(self, offset: int, length: int) -> bytes:
         raise NotImplementedError
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
-        if base + pos < 0:
-            raise ValueError("negative seek position")
-        self._pos = base + pos
-        return self._pos
-
-    def read(self, size: int | None = -1) -> bytes:
-        if size is None or size < 0:
-            size = self.size - self._pos
-        size = max(0, min(size, self.size - self._pos))
-        data = self._pread(self._pos, size) if size else b""
-        self._pos += len(data)
-        return data
-
-    def readall(self) -> bytes:
-        return self.read(-1)
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        data = self.read(len(buffer))
-        memoryview(buffer)[: len(data)] = data
-        return len(data)
-
-    def as_binary(self) -> BinaryIO:
-        """This stream typed as a :class:`typing.BinaryIO`."""
-        return cast(BinaryIO, self)
+    def pread(self, offset: int, length: int) -> bytes:
+        length = max(0, min(length, self.size - offset))
+        return self._pread(offset, length) if length else b""
 
 
 class Concat(_Readable):
