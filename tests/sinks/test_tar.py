@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.walks import seek_runs
 from test_tar_support import (
     CONTENT,
     DEEP_FILE,
@@ -536,31 +537,17 @@ def test_gnu_tar_extracts_every_probe(  # type: ignore[no-untyped-def]
     assert (dest / "bin/setuid").read_bytes() == CONTENT
 
 
-def _data_runs(path: Path) -> list[tuple[int, int]]:
-    """The data runs of a real file, from SEEK_DATA/SEEK_HOLE (as GNU tar --sparse finds them)."""
-    runs = []
-    with open(path, "rb") as fh:
-        fd, end, pos = fh.fileno(), os.fstat(fh.fileno()).st_size, 0
-        while pos < end:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            pos = os.lseek(fd, start, os.SEEK_HOLE)
-            runs.append((start, pos - start))
-    return runs
+#: where the data of a 1 MiB sparse file lies (offset, length)
+LAYOUTS = [
+    [(409600, 8192)],  # data in the middle
+    [(0, 4096), (1 << 19, 4096), ((1 << 20) - 4096, 4096)],  # data at both ends
+    [],  # all hole
+]
 
 
-@pytest.mark.parametrize(
-    "layout",
-    [
-        [(409600, 8192)],  # data in the middle
-        [(0, 4096), (1 << 19, 4096), ((1 << 20) - 4096, 4096)],  # data at both ends
-        [],  # all hole
-    ],
-    ids=["middle", "ends", "empty"],
-)
-def test_sparse_member_matches_gnu_tar(tmp_path: Path, layout: list[tuple[int, int]]) -> None:
+def _sparse_file(tmp_path: Path, layout: list[tuple[int, int]]) -> Path:
+    """``src/sp``: 1 MiB of holes with random data at *layout*, holes as the filesystem
+    reports them (SEEK_DATA/SEEK_HOLE, as GNU tar --sparse finds them)."""
     src = tmp_path / "src"
     src.mkdir()
     f = src / "sp"
@@ -570,8 +557,16 @@ def test_sparse_member_matches_gnu_tar(tmp_path: Path, layout: list[tuple[int, i
             fh.seek(offset)
             fh.write(os.urandom(length))
     os.utime(f, ns=(1_600_000_000 * NS, 1_700_000_000 * NS + 120_000_000))
-    runs = _data_runs(f)
+    with open(f, "rb") as fh:
+        runs = seek_runs(fh.fileno(), 1 << 20)
     assert runs == layout, "the scratch filesystem must report holes (SEEK_HOLE) exactly"
+    return f
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["middle", "ends", "empty"])
+def test_sparse_member_matches_gnu_tar(tmp_path: Path, layout: list[tuple[int, int]]) -> None:
+    f = _sparse_file(tmp_path, layout)
+    src, runs = f.parent, layout
     gnu_tar = tmp_path / "gnu.tar"
     subprocess.run(
         ["tar", "--sparse", "--format=pax", "--numeric-owner", "-C", src, "-cf", gnu_tar, "./sp"],
@@ -619,27 +614,14 @@ def test_sparse_member_matches_gnu_tar(tmp_path: Path, layout: list[tuple[int, i
 
 
 
-@pytest.mark.parametrize(
-    "layout",
-    [[(409600, 8192)], [(0, 4096), (1 << 19, 4096), ((1 << 20) - 4096, 4096)], []],
-    ids=["middle", "ends", "empty"],
-)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["middle", "ends", "empty"])
 def test_dense_member_matches_gnu_tar_without_sparse(
     tmp_path: Path, layout: list[tuple[int, int]]
 ) -> None:
     """``sparse=False`` (image layers) writes a file with holes as GNU tar does without
     ``--sparse``: one plain member of the full size, holes as zeros."""
-    src = tmp_path / "src"
-    src.mkdir()
-    f = src / "sp"
-    with open(f, "wb") as fh:
-        fh.truncate(1 << 20)
-        for offset, length in layout:
-            fh.seek(offset)
-            fh.write(os.urandom(length))
-    os.utime(f, ns=(1_600_000_000 * NS, 1_700_000_000 * NS + 120_000_000))
-    runs = _data_runs(f)
-    assert runs == layout, "the scratch filesystem must report holes (SEEK_HOLE) exactly"
+    f = _sparse_file(tmp_path, layout)
+    src, runs = f.parent, layout
     gnu_tar = tmp_path / "gnu.tar"
     subprocess.run(
         ["tar", "--format=pax", "--numeric-owner", "-C", src, "-cf", gnu_tar, "./sp"], check=True
