@@ -11,9 +11,13 @@ import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import docker
 import pytest
+
+if TYPE_CHECKING:
+    from unpriv import Unprivileged
 
 # tests/ holds shared helpers (engine.py, support/): importable from any test module.
 sys.path.insert(0, str(Path(__file__).parent))
@@ -62,3 +66,17 @@ def docker_client(docker_host: str) -> Iterator[docker.DockerClient]:
         yield client
     finally:
         client.close()
+
+
+@pytest.fixture(scope="module")
+def nobody() -> Iterator[Unprivileged]:
+    """A sandbox running ova2img as uid 65534 (``tests/unpriv.py``), one per test module."""
+    from unpriv import Unprivileged, can_drop_privileges
+
+    if not can_drop_privileges():
+        pytest.skip("needs root (to drop to uid 65534 with setpriv) and /usr/bin/python3")
+    sandbox = Unprivileged()
+    try:
+        yield sandbox
+    finally:
+        sandbox.close()

@@ -4,7 +4,7 @@ mount-and-tar reference in every property of shared/design/fidelity.md."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from support.images import (
 )
 from support.probes import PROBE_PATHS, PROBE_SOCKET, populate_probes
 from support.reference import make_reference
-from unpriv import Unprivileged, can_drop_privileges
+from unpriv import Unprivileged
 
 import ova2img
 
@@ -79,17 +79,6 @@ def test_conversion_is_deterministic(built: Built, tmp_path: Path) -> None:
     ova2img.convert(built.ova, a)
     ova2img.convert(built.ova, b)
     assert a.read_bytes() == b.read_bytes()
-
-
-@pytest.fixture(scope="module")
-def nobody() -> Iterator[Unprivileged]:
-    if not can_drop_privileges():
-        pytest.skip("needs root (to drop to uid 65534 with setpriv) and /usr/bin/python3")
-    sandbox = Unprivileged()
-    try:
-        yield sandbox
-    finally:
-        sandbox.close()
 
 
 def test_unprivileged_convert_equals_reference(built: Built, nobody: Unprivileged) -> None:

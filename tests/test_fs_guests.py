@@ -16,7 +16,7 @@ tree. Each guest carries the fidelity probes in its root.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +33,7 @@ from support.fsguests import (
 )
 from support.images import make_ova, to_vmdk
 from support.probes import PROBE_PATHS, PROBE_SOCKET
-from unpriv import Unprivileged, can_drop_privileges
+from unpriv import Unprivileged
 
 import ova2img
 
@@ -88,17 +88,6 @@ def built(request: pytest.FixtureRequest) -> Built:
     """Every guest, each from its own module-scoped fixture (all four always run)."""
     value: Built = request.getfixturevalue(request.param)
     return value
-
-
-@pytest.fixture(scope="module")
-def nobody() -> Iterator[Unprivileged]:
-    if not can_drop_privileges():
-        pytest.skip("needs root (to drop to uid 65534 with setpriv) and /usr/bin/python3")
-    sandbox = Unprivileged()
-    try:
-        yield sandbox
-    finally:
-        sandbox.close()
 
 
 def test_unprivileged_convert_equals_reference(built: Built, nobody: Unprivileged) -> None:

@@ -15,7 +15,7 @@ import pytest
 from support.compare import assert_same_tree
 from support.guests import DebianGuest, debian_guest
 from support.reference import make_reference
-from unpriv import Unprivileged, can_drop_privileges
+from unpriv import Unprivileged
 
 pytestmark = pytest.mark.slow
 FIXTURES = Path(__file__).parent.parent / "fixtures"
@@ -36,25 +36,21 @@ def reference(guest: DebianGuest, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 @pytest.fixture(scope="module")
-def converted(guest: DebianGuest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def converted(
+    guest: DebianGuest, nobody: Unprivileged, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
     """The guest converted as uid 65534 (the output is copied out of the sandbox)."""
-    if not can_drop_privileges():
-        pytest.skip("needs root to drop to uid 65534")
-    sandbox = Unprivileged()
-    try:
-        ova = sandbox.add_input(guest.ova)
-        out = sandbox.work / "debian.tar"
-        t0 = time.monotonic()
-        res = sandbox.run(["convert", str(ova), "-o", str(out)])
-        elapsed = time.monotonic() - t0
-        assert res.returncode == 0, res.stderr.decode(errors="replace")
-        size_mb = guest.ova.stat().st_size / 1e6
-        print(f"unprivileged conversion of a {size_mb:.0f} MB OVA: {elapsed:.1f} s")
-        dest = tmp_path_factory.mktemp("debian-out") / "debian.tar"
-        shutil.copyfile(out, dest)
-        yield dest
-    finally:
-        sandbox.close()
+    ova = nobody.add_input(guest.ova)
+    out = nobody.work / "debian.tar"
+    t0 = time.monotonic()
+    res = nobody.run(["convert", str(ova), "-o", str(out)])
+    elapsed = time.monotonic() - t0
+    assert res.returncode == 0, res.stderr.decode(errors="replace")
+    size_mb = guest.ova.stat().st_size / 1e6
+    print(f"unprivileged conversion of a {size_mb:.0f} MB OVA: {elapsed:.1f} s")
+    dest = tmp_path_factory.mktemp("debian-out") / "debian.tar"
+    shutil.copyfile(out, dest)
+    yield dest
 
 
 def test_debian_guest_equals_reference(converted: Path, reference: Path) -> None:

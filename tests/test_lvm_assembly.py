@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +15,7 @@ from support.compare import assert_same_tree, read_tree
 from support.images import make_ova, to_vmdk
 from support.lvm import LvmGuest, make_reference_from, multi_pv_layout, seed_layout, two_disk_layout
 from support.probes import populate_probes
-from unpriv import Unprivileged, can_drop_privileges
+from unpriv import Unprivileged
 
 import ova2img
 from ova2img.cli import main
@@ -73,17 +73,6 @@ def seed(tmp_path_factory: pytest.TempPathFactory) -> Built:
 @pytest.fixture
 def two_disks(tmp_path_factory: pytest.TempPathFactory) -> Built:
     return _build("two-disks", tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def nobody() -> Iterator[Unprivileged]:
-    if not can_drop_privileges():
-        pytest.skip("needs root to drop to uid 65534")
-    sandbox = Unprivileged()
-    try:
-        yield sandbox
-    finally:
-        sandbox.close()
 
 
 def test_unprivileged_conversion_equals_reference(built: Built, nobody: Unprivileged) -> None:
