@@ -7,9 +7,13 @@ import`` tarball); every error is an :class:`Ova2imgError`.
 
 from __future__ import annotations
 
-from ._version import __version__
-from .api import ConversionResult, Guest, SkippedVolume, convert, open
-from .errors import (
+from ._imports import defer_package_inits
+
+defer_package_inits()  # before any dissect import: see ova2img/_imports.py
+
+from ._version import __version__  # noqa: E402
+from .api import ConversionResult  # noqa: E402, Guest, SkippedVolume, convert, open
+from .errors import (  # noqa: E402
     AssemblyError,
     DiskError,
     FilesystemError,

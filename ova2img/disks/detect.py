@@ -8,10 +8,7 @@ from typing import BinaryIO
 from ..errors import DiskError, UnsupportedError
 from ..sources.base import DiskFile
 from .base import VirtualDisk
-from .microsoft import open_vhd, open_vhdx
-from .qcow2 import QCOW2_MAGIC, open_qcow2
 from .stream import DiskStream, RawStream
-from .vdi import VdiStream
 from .vmdk import (
     COWD_MAGIC,
     DESCRIPTOR_MAGIC,
@@ -22,6 +19,7 @@ from .vmdk import (
 )
 
 SECTOR = 512
+QCOW2_MAGIC = b"QFI\xfb"
 MAX_BACKING_DEPTH = 16
 
 _VDI_SIGNATURE = struct.pack("<I", 0xBEDA107F)  # VDI header signature at offset 0x40
@@ -127,15 +125,25 @@ def open_image(
     if kind == "vmdk":
         vmdk = open_vmdk(fh, name, resolve)
         return "vmdk", vmdk.subformat, vmdk
+    # The other formats' modules are imported when met (each parses its dissect structure
+    # definitions at import: tens of milliseconds a conversion of a VMDK need not pay).
     if kind == "qcow2":
+        from .qcow2 import open_qcow2
+
         return "qcow2", "", open_qcow2(fh, size, name, open_backing)
     if kind == "vhd":
+        from .microsoft import open_vhd
+
         subformat, stream = open_vhd(fh, size, name)
         return "vhd", subformat, stream
     if kind == "vhdx":
+        from .microsoft import open_vhdx
+
         subformat, stream = open_vhdx(fh, size, name)
         return "vhdx", subformat, stream
     if kind == "vdi":
+        from .vdi import VdiStream
+
         vdi = VdiStream(fh, size, name)
         return "vdi", vdi.subformat, vdi
     return "raw", "", RawStream(fh, size, name)

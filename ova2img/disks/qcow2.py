@@ -25,6 +25,7 @@ from typing import Any, BinaryIO
 from dissect.hypervisor.disk import qcow2 as _qcow2
 
 from ..errors import DiskError, Ova2imgError, UnsupportedError
+from .detect import QCOW2_MAGIC
 from .stream import DECODE_ERRORS, BackingView, DiskStream, ForeignStream, describe
 
 try:
@@ -38,7 +39,6 @@ _DISSECT_ZSTD: bool = _qcow2.HAS_ZSTD
 if not _DISSECT_ZSTD and _zstandard is not None:
     _qcow2.HAS_ZSTD = True
 
-QCOW2_MAGIC = b"QFI\xfb"
 MAX_VIRTUAL_SIZE = 64 * 2**40
 L2_CACHE_BYTES = 4 * 2**20  # L2 tables kept decoded, at most (at least two tables)
 

@@ -21,9 +21,8 @@ from functools import lru_cache
 from typing import Any, BinaryIO, TypeVar
 from uuid import UUID
 
-from dissect.extfs import ExtFS
-from dissect.extfs.c_jdb2 import c_jdb2
 from dissect.extfs.exceptions import Error as DissectExtError
+from dissect.extfs.extfs import ExtFS
 from dissect.util.stream import AlignedStream
 
 from ..errors import FilesystemError, Ova2imgError, UnsupportedError
@@ -66,6 +65,7 @@ _EXTENT_MAGIC = 0xF30A
 _EXTENT_INIT_MAX_LEN = 1 << 15
 _XATTR_MAGIC = 0xEA020000
 _INLINE_DATA_SIZE = 60  # EXT4_MIN_INLINE_DATA_SIZE: the i_block array
+_JBD2_MAGIC = 0xC03B3998  # JBD2_MAGIC_NUMBER (include/linux/jbd2.h)
 
 # fs/ext4/xattr.c ext4_xattr_handler_map: the namespaces listxattr(2) shows. Index 7 (system.,
 # holding "system.data" of inline data), 5 (lustre), 8 (richacl), 9 (encryption) have no handler
@@ -247,7 +247,7 @@ class _OverlayStream(AlignedStream):  # type: ignore[misc]
             self._fh.seek(src)
             content = bytearray(self._fh.read(bs))
             if escaped:  # JBD2_FLAG_ESCAPE: the block began with the jbd2 magic
-                content[0:4] = struct.pack(">I", c_jdb2.JBD2_MAGIC_NUMBER)
+                content[0:4] = struct.pack(">I", _JBD2_MAGIC)
             start = block * bs - offset
             lo = max(start, 0)
             hi = min(start + bs, len(buf))
@@ -831,6 +831,8 @@ class ExtFilesystem(Filesystem):
         Returns:
             filesystem block → (byte offset of its copy in the volume, escaped).
         """
+        from dissect.extfs.c_jdb2 import c_jdb2  # only a journal needing recovery uses it
+
         jinum = int(self._sb.s_journal_inum)
         if not jinum:
             raise FilesystemError(
@@ -853,7 +855,7 @@ class ExtFilesystem(Filesystem):
 
         jsb = jread(0)
         magic, blocktype, _seq = struct.unpack_from(">III", jsb, 0)
-        if magic != c_jdb2.JBD2_MAGIC_NUMBER or blocktype not in (3, 4):
+        if magic != _JBD2_MAGIC or blocktype not in (3, 4):
             raise _Corrupt(f"journal superblock magic {magic:#x} type {blocktype}")
         j_bs, maxlen, first, sequence, start = struct.unpack_from(">IIIII", jsb, 12)
         if blocktype == 4:

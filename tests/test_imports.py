@@ -1,0 +1,84 @@
+"""The dissect packages whose ``__init__`` imports every format are imported lazily
+(ova2img/_imports.py): a conversion does not pay for formats it does not meet, and a tool that
+imports ova2img and then uses those packages still finds every name."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+
+def _run(code: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_a_vmdk_conversion_imports_no_other_disk_format() -> None:
+    out = _run(
+        """
+        import sys
+        import ova2img, ova2img.cli
+        from ova2img.disks.detect import open_disk
+        from ova2img.filesystems.ext import ExtFilesystem
+        from ova2img.volumes.table import find_volumes
+        print(sorted(m for m in sys.modules if m.startswith("dissect.")))
+        """
+    )
+    loaded = eval(out)  # a list of module names
+    assert "dissect.hypervisor.disk.c_vmdk" in loaded
+    assert "dissect.extfs.c_ext" in loaded
+    for other in (
+        "dissect.hypervisor.disk.c_vhdx",
+        "dissect.hypervisor.disk.c_qcow2",
+        "dissect.hypervisor.disk.c_vdi",
+        "dissect.hypervisor.descriptor.c_hyperv",
+        "dissect.volume.disk.schemes.bsd",
+        "dissect.volume.disk.schemes.apm",
+    ):
+        assert other not in loaded
+
+
+def test_deferred_packages_still_give_every_name() -> None:
+    out = _run(
+        """
+        import ova2img
+        from ova2img.disks.vmdk import open_vmdk
+        import dissect.hypervisor
+        from dissect.hypervisor import vhdx, qcow2
+        from dissect.volume.disk import Disk
+        from dissect.volume.disk.schemes import BSD
+        from dissect.extfs import ExtFS, JDB2
+        print(dissect.hypervisor.ovf.__name__, vhdx.VHDX.__name__, qcow2.QCow2.__name__)
+        print(Disk.__name__, BSD.__name__, ExtFS.__name__, JDB2.__name__)
+        print(sorted(dissect.hypervisor.__all__)[:2])
+        try:
+            dissect.hypervisor.no_such_thing
+        except AttributeError as exc:
+            print("AttributeError", exc)
+        """
+    )
+    lines = out.splitlines()
+    assert lines[0] == "dissect.hypervisor.descriptor.ovf VHDX QCow2"
+    assert lines[1] == "Disk BSD ExtFS JDB2"
+    assert lines[2] == "['asif', 'envelope']"
+    assert lines[3] == "AttributeError module 'dissect.hypervisor' has no attribute 'no_such_thing'"
+
+
+def test_packages_imported_before_ova2img_are_left_alone() -> None:
+    out = _run(
+        """
+        import dissect.hypervisor
+        full = dissect.hypervisor
+        import ova2img
+        import sys
+        print(sys.modules["dissect.hypervisor"] is full, "__getattr__" in vars(full))
+        """
+    )
+    assert out.split() == ["True", "False"]
