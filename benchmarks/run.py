@@ -233,28 +233,40 @@ class Run:
     steps: dict[str, float] = field(default_factory=dict)
 
 
-# Forks and execs argv from a small, fresh process, and writes the child's ru_maxrss (KiB) to
-# the file descriptor given first. A child forked straight from this (large) benchmark process
-# would report this process's own peak: Linux carries the memory high-water mark of a forked
-# copy over exec (fs/exec.c exec_mmap), so every tool run after the 250k-file case read
-# "160 MiB".
+# Forks and execs argv from a small, fresh process, and writes the child's ru_maxrss (KiB) and
+# its wall time (from just before the fork to its exit) to the file descriptor given first. A
+# child forked straight from this (large) benchmark process would report this process's own
+# peak: Linux carries the memory high-water mark of a forked copy over exec (fs/exec.c
+# exec_mmap), so every tool run after the 250k-file case read "160 MiB". The spawner's own
+# start (a Python interpreter, ~20 ms) is not the tool's: only the child's time counts.
 _SPAWN = """
-import os, sys
+import os, sys, time
 fd = int(sys.argv[1])
+t0 = time.perf_counter()
 pid = os.fork()
 if pid == 0:
     os.close(fd)
     os.execvp(sys.argv[2], sys.argv[2:])
 _, status, usage = os.wait4(pid, 0)
-os.write(fd, str(usage.ru_maxrss).encode())
+os.write(fd, f"{usage.ru_maxrss} {time.perf_counter() - t0!r}".encode())
 sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
-def run_measured(argv: list[str], env: dict[str, str] | None = None) -> int:
-    """Run ``argv`` to completion; its peak RSS in bytes (its own, and that of any process it
-    waited for, as ``ru_maxrss`` counts)."""
+@dataclass
+class Measured:
+    """One tool run: its peak RSS, its own wall time, and the time the measuring added."""
+
+    rss: int  # bytes
+    wall: float  # seconds, fork to exit
+    overhead: float  # seconds around it (the spawner's start and exit)
+
+
+def run_measured(argv: list[str], env: dict[str, str] | None = None) -> Measured:
+    """Run ``argv`` to completion: its peak RSS (its own, and that of any process it waited
+    for, as ``ru_maxrss`` counts) and wall time."""
     r, w = os.pipe()
+    t0 = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-c", _SPAWN, str(w), *argv],
         env=env,
@@ -267,11 +279,13 @@ def run_measured(argv: list[str], env: dict[str, str] | None = None) -> int:
     err = proc.stderr.read()
     proc.stderr.close()
     proc.wait()
+    outer = time.perf_counter() - t0
     with os.fdopen(r, "rb") as fh:
-        kib = fh.read()
+        report = fh.read().split()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {err.decode()[-2000:]}")
-    return int(kib) * 1024
+    wall = float(report[1])
+    return Measured(int(report[0]) * 1024, wall, max(0.0, outer - wall))
 
 
 def allocated(path: Path) -> int:
@@ -320,10 +334,8 @@ def run_ova2img(built: Built, out: Path, cache: str) -> Run:
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         argv = [sys.executable, "-m", "ova2img", "convert", built.ova, "-o", str(out), "-q"]
         with watch_disk(Path(tmp)) as peak:
-            t0 = time.perf_counter()
-            rss = run_measured(argv, env)
-            wall = time.perf_counter() - t0
-    return Run(built.name, "ova2img", cache, wall, rss, peak[0], out.stat().st_size)
+            m = run_measured(argv, env)
+    return Run(built.name, "ova2img", cache, m.wall, m.rss, peak[0], out.stat().st_size)
 
 
 def _first_partition(raw: Path) -> tuple[int, int]:
@@ -337,21 +349,27 @@ def run_root(built: Built, out: Path, cache: str) -> Run:
     """Root's pipeline; each step's time in ``steps``."""
     steps: dict[str, float] = {}
     rss = temp = 0
+    overhead = 0.0  # the measuring's own time, taken off the steps and the total
+
+    def measured(argv: list[str]) -> float:
+        nonlocal rss, overhead
+        m = run_measured(argv)
+        rss = max(rss, m.rss)
+        overhead += m.overhead
+        return m.wall
     scratch = Path(tempfile.mkdtemp(prefix="ova2img-bench-root-", dir="/tmp"))
     mnt = Path(tempfile.mkdtemp(prefix="ova2img-bench-mnt-", dir="/tmp"))
     dev = None
     mounted = False
     t0 = time.perf_counter()
     try:
-        t = time.perf_counter()
-        rss = max(rss, run_measured(["tar", "-xf", built.ova, "-C", str(scratch)]))
-        steps["tar-x"] = time.perf_counter() - t
+        steps["tar-x"] = measured(["tar", "-xf", built.ova, "-C", str(scratch)])
         vmdk = next(scratch.glob("*.vmdk"))
         raw = scratch / "disk.raw"
+        steps["qemu-img"] = measured(["qemu-img", "convert", "-O", "raw", str(vmdk), str(raw)])
         t = time.perf_counter()
-        rss = max(rss, run_measured(["qemu-img", "convert", "-O", "raw", str(vmdk), str(raw)]))
-        steps["qemu-img"] = time.perf_counter() - t
         temp = allocated(scratch)
+        overhead += time.perf_counter() - t
         t = time.perf_counter()
         offset, size = _first_partition(raw)
         losetup = ["losetup", "--find", "--show", "--read-only", "--offset", str(offset)]
@@ -360,9 +378,7 @@ def run_root(built: Built, out: Path, cache: str) -> Run:
         subprocess.run(["mount", "-o", "ro", dev, str(mnt)], check=True)
         mounted = True
         steps["mount"] = time.perf_counter() - t
-        t = time.perf_counter()
-        rss = max(rss, run_measured(["tar", *TAR_ARGS, "-C", str(mnt), "-cf", str(out), "."]))
-        steps["tar-c"] = time.perf_counter() - t
+        steps["tar-c"] = measured(["tar", *TAR_ARGS, "-C", str(mnt), "-cf", str(out), "."])
     finally:
         t = time.perf_counter()
         if mounted:
@@ -372,7 +388,7 @@ def run_root(built: Built, out: Path, cache: str) -> Run:
         mnt.rmdir()
         shutil.rmtree(scratch)
         steps["teardown"] = time.perf_counter() - t
-    wall = time.perf_counter() - t0
+    wall = time.perf_counter() - t0 - overhead
     return Run(built.name, "root", cache, wall, rss, temp, out.stat().st_size, steps)
 
 
