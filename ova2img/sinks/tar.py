@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import stat
 import struct
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import BinaryIO, cast
@@ -66,6 +67,7 @@ _BLKTYPE = b"4"
 _DIRTYPE = b"5"
 _FIFOTYPE = b"6"
 _XHDTYPE = b"x"
+_DEVTYPES = (_CHRTYPE, _BLKTYPE)  # members with a device number (never a hardlink to one)
 
 _TYPEFLAGS = {
     EntryType.FILE: _REGTYPE,
@@ -469,20 +471,21 @@ class TarWriter:
             records.append((b"path", name))
         if len(linkname) > 100 or not linkname.isascii():
             records.append((b"linkpath", linkname))
-        uid_field = _number(entry.uid, 8)
+        uid, gid = entry.uid, entry.gid
+        uid_field = b"%07o\0" % uid if 0 <= uid < _MAX8 else None
         if uid_field is None:
-            records.append((b"uid", str(entry.uid).encode()))
-        gid_field = _number(entry.gid, 8)
+            records.append((b"uid", str(uid).encode()))
+        gid_field = b"%07o\0" % gid if 0 <= gid < _MAX8 else None
         if gid_field is None:
-            records.append((b"gid", str(entry.gid).encode()))
-        size_field = _number(size, 12)
+            records.append((b"gid", str(gid).encode()))
+        size_field = b"%011o\0" % size if 0 <= size < _MAX12 else None
         if size_field is None and sparse_size is None:
             records.append((b"size", str(size).encode()))
             # A sparse member of 8 GiB or more keeps its stored size in base-256 only:
             # CPython's tarfile recomputes the next header's offset from `size` after
             # GNU.sparse.realsize replaced it, and would lose its place in the archive.
         seconds, nanos = divmod(entry.mtime_ns, _NS)
-        mtime_field = _number(seconds, 12)
+        mtime_field = b"%011o\0" % seconds if 0 <= seconds < _MAX12 else None
         if nanos or mtime_field is None:
             records.append((b"mtime", _pax_time(entry.mtime_ns)))
         if sparse_size is not None:
@@ -492,42 +495,42 @@ class TarWriter:
                 (b"GNU.sparse.name", name),
                 (b"GNU.sparse.realsize", str(sparse_size).encode()),
             ]
-        for attr in sorted(entry.xattrs):
-            records.append((b"SCHILY.xattr." + _xattr_keyword(attr), bytes(entry.xattrs[attr])))
-        mtime_ustar = seconds if 0 <= seconds < 8**11 else 0
+        if entry.xattrs:
+            for attr in sorted(entry.xattrs):
+                keyword = b"SCHILY.xattr." + _xattr_keyword(attr)
+                records.append((keyword, bytes(entry.xattrs[attr])))
+        devmajor = devminor = 0
+        if typeflag in _DEVTYPES:
+            devmajor, devminor = entry.rdev_major, entry.rdev_minor
+        header = _ustar_header(
+            name=header_name,
+            mode=stat.S_IMODE(entry.mode),
+            uid=uid_field or _base256(uid, 8),
+            gid=gid_field or _base256(gid, 8),
+            size=size_field or _base256(size, 12),
+            mtime=mtime_field or _base256(seconds, 12),
+            typeflag=typeflag,
+            linkname=linkname,
+            devmajor=devmajor,
+            devminor=devminor,
+        )
         if records:
-            payload = b"".join(_pax_record(k, v) for k, v in records)
+            payload = b"".join([_pax_record(k, v) for k, v in records])
             # GNU tar 1.34's default extended header name: "%d/PaxHeaders/%f".
             xname = _dirname(name) + b"/PaxHeaders/" + (_basename(name) or b".")
-            self._write(
-                _ustar_header(
-                    name=xname,
-                    mode=0o644,
-                    uid=_octal(0, 8),
-                    gid=_octal(0, 8),
-                    size=_size_field(len(payload)),
-                    mtime=_octal(mtime_ustar, 12),
-                    typeflag=_XHDTYPE,
-                )
+            xheader = _ustar_header(
+                name=xname,
+                mode=0o644,
+                uid=_ZERO8,
+                gid=_ZERO8,
+                size=_size_field(len(payload)),
+                mtime=_octal(seconds if 0 <= seconds < _MAX12 else 0, 12),
+                typeflag=_XHDTYPE,
             )
-            self._write(payload + bytes(-len(payload) % BLOCK))
-        devmajor = devminor = 0
-        if entry.type in (EntryType.CHAR, EntryType.BLOCK) and typeflag != _LNKTYPE:
-            devmajor, devminor = entry.rdev_major, entry.rdev_minor
-        self._write(
-            _ustar_header(
-                name=header_name,
-                mode=stat.S_IMODE(entry.mode),
-                uid=uid_field or _base256(entry.uid, 8),
-                gid=gid_field or _base256(entry.gid, 8),
-                size=size_field or _base256(size, 12),
-                mtime=mtime_field or _base256(seconds, 12),
-                typeflag=typeflag,
-                linkname=linkname,
-                devmajor=devmajor,
-                devminor=devminor,
-            )
-        )
+            # one write for the three: the extended header, its records, the member's header
+            self._write(b"".join((xheader, payload, bytes(-len(payload) % BLOCK), header)))
+        else:
+            self._write(header)
 
     def abort(self) -> None:
         """End a failed archive so that readers fail too: what is buffered, then the header of
@@ -655,6 +658,9 @@ def _pax_record(keyword: bytes, value: bytes) -> bytes:
     return str(length).encode() + body
 
 
+_MAX8 = 8**7  # the first value an 8-byte octal field cannot hold
+_MAX12 = 8**11
+_ZERO8 = b"0000000\0"
 #: the ustar header's fields (POSIX.1-2001 pax, "ustar Interchange Format"): 512 bytes
 _USTAR = struct.Struct("100s8s8s8s12s12s8s1s100s8s32s32s8s8s155s12s")
 
@@ -687,14 +693,22 @@ def _ustar_header(
             b"ustar\x0000",  # magic "ustar\0" and version "00"
             b"",  # uname: empty, owners are numeric (--numeric-owner)
             b"",  # gname
-            _number(devmajor, 8) or _base256(devmajor, 8),
-            _number(devminor, 8) or _base256(devminor, 8),
+            _ZERO8 if not devmajor else _number(devmajor, 8) or _base256(devmajor, 8),
+            _ZERO8 if not devminor else _number(devminor, 8) or _base256(devminor, 8),
             b"",  # prefix: unused, long names go in PAX `path`
             b"",
         )
     )
-    header[148:156] = b"%06o\0 " % sum(header)
+    header[148:156] = b"%06o\0 " % _byte_sum(header)
     return header
+
+
+def _byte_sum(header: bytearray, adler32: Callable[[bytes | bytearray], int] = zlib.adler32) -> int:
+    """The sum of a 512-byte header's bytes, the ustar checksum, at C speed: Adler-32's low
+    half is 1 + the byte sum modulo 65521, and 256 bytes sum to at most 65280, so each half
+    of the header gives its exact sum (``sum(header)`` costs 2.5 us a header: 5 % of a
+    conversion of small files)."""
+    return (adler32(header[:256]) & 0xFFFF) + (adler32(header[256:]) & 0xFFFF) - 2
 
 
 __all__ = [
