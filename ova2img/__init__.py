@@ -12,7 +12,7 @@ from ._imports import defer_package_inits
 defer_package_inits()  # before any dissect import: see ova2img/_imports.py
 
 from ._version import __version__  # noqa: E402
-from .api import ConversionResult  # noqa: E402, Guest, SkippedVolume, convert, open
+from .api import ConversionResult, Guest, SkippedVolume, convert, open  # noqa: E402
 from .errors import (  # noqa: E402
     AssemblyError,
     DiskError,
