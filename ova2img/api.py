@@ -626,6 +626,10 @@ class _Counter:
         self.bytes = 0
 
     def count(self, items: Iterator[TreeItem]) -> Iterator[TreeItem]:
+        """*items*, counted on the way when there is a callback to feed."""
+        return items if self.callback is None else self._counting(items)
+
+    def _counting(self, items: Iterator[TreeItem]) -> Iterator[TreeItem]:
         for item in items:
             self.entries += 1
             if self.callback is not None and self.entries % 512 == 0:

@@ -82,6 +82,8 @@ _TYPEFLAGS = {
 FAILED_NAME = b"./OVA2IMG-CONVERSION-FAILED-THIS-ARCHIVE-IS-INCOMPLETE"
 
 _NS = 1_000_000_000
+#: the runs argument of ``_copy`` for a whole, dense file
+_WHOLE: list[DataRun] = []
 _ZERO_BLOCK = bytes(BLOCK)
 _ZERO_CHUNK = memoryview(bytes(CHUNK))
 
@@ -311,9 +313,12 @@ class TarWriter:
         if b"\0" in path:
             raise SinkError(f"{_show(path)}: NUL byte in a path")
         is_dir = entry.type is EntryType.DIR
-        name = b"./" + path + b"/" if path else b"./"
-        if not is_dir:
-            name = name.rstrip(b"/")
+        if not path:
+            name = b"./"
+        elif is_dir:
+            name = b"./" + path + b"/"
+        else:
+            name = b"./" + path
         if entry.type is EntryType.SOCKET:
             # Neither ustar nor pax has a socket type; GNU tar skips them too ("socket ignored").
             self.stats.skipped += 1
@@ -322,8 +327,7 @@ class TarWriter:
         typeflag = _TYPEFLAGS.get(entry.type)
         if typeflag is None:  # pragma: no cover - EntryType is closed
             raise SinkError(f"{_show(name)}: cannot archive entry type {entry.type}")
-        base = path.rsplit(b"/", 1)[-1]
-        if base.startswith(b".wh."):
+        if b".wh." in path and path.rpartition(b"/")[2].startswith(b".wh."):
             # docker/moby pkg/archive treats ".wh.*" names as overlay whiteouts when importing.
             self._warn(
                 f"{_show(name)}: name starts with '.wh.', which docker import treats as a "
@@ -363,11 +367,13 @@ class TarWriter:
 
     def _file(self, item: TreeItem, name: bytes) -> None:
         size = item.entry.size
-        runs = _normalise_runs(item.data_runs(), size) if size else None
+        runs = item.data_runs() if size else None
+        if runs is not None and not (len(runs) == 1 and runs[0] == (0, size)):
+            runs = _normalise_runs(runs, size)
         if runs is None or size - sum(length for _, length in runs) < BLOCK:
             self._member(item, name, _REGTYPE, size=size)
             if size:
-                self._copy(item, name, [(0, size)])
+                self._copy(item, name, _WHOLE)
                 self._write(bytes(-size % BLOCK))
             self.stats.files += 1
             return
@@ -399,7 +405,10 @@ class TarWriter:
         self, item: TreeItem, name: bytes, runs: list[DataRun], *, dense_size: int | None = None
     ) -> None:
         """Copy the data of *runs* from the item's stream, back to back (no padding); with
-        *dense_size*, zeros fill the holes before, between and after the runs up to it."""
+        *dense_size*, zeros fill the holes before, between and after the runs up to it.
+        :data:`_WHOLE` stands for the whole file."""
+        if runs is _WHOLE and self._measure_only:
+            runs = [(0, item.entry.size)]
         if self._measure_only:
             # Sizes come from the metadata alone; the real pass fails rather than write a
             # member shorter than announced, so the two passes agree or the second one fails.
@@ -409,6 +418,17 @@ class TarWriter:
             return
         done = 0  # file offset written so far (dense_size only)
         with item.open() as stream:
+            if runs is _WHOLE:
+                runs = [(0, item.entry.size)]
+                if item.entry.size <= CHUNK:  # most files: one read
+                    chunk = stream.read(item.entry.size)
+                    if len(chunk) == item.entry.size:
+                        self._write(chunk)
+                        self.stats.data_bytes += len(chunk)
+                        if self._on_progress is not None:
+                            self._on_progress(self.stats.data_bytes)
+                        return
+                    stream.seek(0)  # short: the general loop below says where it ended
             for offset, length in runs:
                 if dense_size is not None:
                     self._zeros(offset - done)
