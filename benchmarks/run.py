@@ -480,6 +480,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-cold", action="store_true", help="warm page cache only")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the cached images")
     ap.add_argument("--build-only", action="store_true", help="build the images, measure nothing")
+    ap.add_argument(
+        "--check",
+        action="store_true",
+        help="also compare each case's ova2img tarball with root's, entry by entry (fidelity "
+        "on the big images; root only)",
+    )
     args = ap.parse_args(argv)
     names = args.cases.split(",") if args.cases else list(ALL if args.full else QUICK)
     known = cases()
@@ -494,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     built: list[Built] = []
     runs: list[Run] = []
     out = args.workdir / "out.tar"
+    kept = {tool: args.workdir / f"last-{tool}.tar" for tool in ("ova2img", "root")}
+    mismatched: list[str] = []
     for name in names:
         print(f"[{name}] building (or cached)…", file=sys.stderr, flush=True)
         b = build(known[name], args.workdir, rebuild=args.rebuild)
@@ -522,7 +530,11 @@ def main(argv: list[str] | None = None) -> int:
                         file=sys.stderr,
                         flush=True,
                     )
+                    if args.check and with_root:
+                        out.replace(kept[tool])
                     out.unlink(missing_ok=True)
+        if args.check and with_root:
+            mismatched += check_case(name, kept["ova2img"], kept["root"])
     rows = summarise(built, runs)
     print_table(built, rows)
     path = args.json or args.workdir / "results.json"
@@ -538,7 +550,30 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     print(f"\nfigures: {path}")
+    if mismatched:
+        print(f"\nova2img and root's tar differ for: {', '.join(mismatched)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def check_case(name: str, ours: Path, ref: Path) -> list[str]:
+    """Compare the last tarballs of a case (tests/support/compare.py, the test suite's own
+    comparison); print the verdict; ``[name]`` when they differ."""
+    from tests.support.compare import compare_tars
+
+    t = time.monotonic()
+    # GNU tar cannot hold sockets ("socket ignored"); ova2img skips them too, with a warning.
+    differences = compare_tars(ours, ref)
+    took = time.monotonic() - t
+    ours.unlink()
+    ref.unlink()
+    if not differences:
+        print(f"[{name}] check: same tree as root's tar ({took:.0f} s)", file=sys.stderr)
+        return []
+    print(f"[{name}] check: {len(differences)} differences, first ones:", file=sys.stderr)
+    for line in differences[:20]:
+        print(f"    {line}", file=sys.stderr)
+    return [name]
 
 
 if __name__ == "__main__":
