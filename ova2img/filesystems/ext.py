@@ -444,7 +444,7 @@ class ExtFilesystem(Filesystem):
         if type(handle) is not int:
             handle = self._inum(handle)
         try:
-            return func(handle)  # type: ignore[arg-type]
+            return func(handle)
         except Ova2imgError:
             raise
         except _DECODE_ERRORS as exc:

@@ -82,8 +82,6 @@ _TYPEFLAGS = {
 FAILED_NAME = b"./OVA2IMG-CONVERSION-FAILED-THIS-ARCHIVE-IS-INCOMPLETE"
 
 _NS = 1_000_000_000
-#: the runs argument of ``_copy`` for a whole, dense file
-_WHOLE: list[DataRun] = []
 _ZERO_BLOCK = bytes(BLOCK)
 _ZERO_CHUNK = memoryview(bytes(CHUNK))
 
@@ -373,7 +371,7 @@ class TarWriter:
         if runs is None or size - sum(length for _, length in runs) < BLOCK:
             self._member(item, name, _REGTYPE, size=size)
             if size:
-                self._copy(item, name, _WHOLE)
+                self._copy(item, name, None)
                 self._write(bytes(-size % BLOCK))
             self.stats.files += 1
             return
@@ -402,12 +400,18 @@ class TarWriter:
         self.stats.sparse_files += 1
 
     def _copy(
-        self, item: TreeItem, name: bytes, runs: list[DataRun], *, dense_size: int | None = None
+        self,
+        item: TreeItem,
+        name: bytes,
+        runs: list[DataRun] | None,
+        *,
+        dense_size: int | None = None,
     ) -> None:
-        """Copy the data of *runs* from the item's stream, back to back (no padding); with
-        *dense_size*, zeros fill the holes before, between and after the runs up to it.
-        :data:`_WHOLE` stands for the whole file."""
-        if runs is _WHOLE and self._measure_only:
+        """Copy the data of *runs* (``None``: the whole file) from the item's stream, back to
+        back (no padding); with *dense_size*, zeros fill the holes before, between and after
+        the runs up to it."""
+        whole = runs is None
+        if runs is None:
             runs = [(0, item.entry.size)]
         if self._measure_only:
             # Sizes come from the metadata alone; the real pass fails rather than write a
@@ -418,17 +422,15 @@ class TarWriter:
             return
         done = 0  # file offset written so far (dense_size only)
         with item.open() as stream:
-            if runs is _WHOLE:
-                runs = [(0, item.entry.size)]
-                if item.entry.size <= CHUNK:  # most files: one read
-                    chunk = stream.read(item.entry.size)
-                    if len(chunk) == item.entry.size:
-                        self._write(chunk)
-                        self.stats.data_bytes += len(chunk)
-                        if self._on_progress is not None:
-                            self._on_progress(self.stats.data_bytes)
-                        return
-                    stream.seek(0)  # short: the general loop below says where it ended
+            if whole and item.entry.size <= CHUNK:  # most files: one read
+                chunk = stream.read(item.entry.size)
+                if len(chunk) == item.entry.size:
+                    self._write(chunk)
+                    self.stats.data_bytes += len(chunk)
+                    if self._on_progress is not None:
+                        self._on_progress(self.stats.data_bytes)
+                    return
+                stream.seek(0)  # short: the general loop below says where it ended
             for offset, length in runs:
                 if dense_size is not None:
                     self._zeros(offset - done)
