@@ -41,6 +41,11 @@ class TreeItem:
         """A stream over a regular file's content."""
         return self.fs.open(self.handle)
 
+    def read_content(self) -> bytes | None:
+        """A regular file's whole content in one call, or ``None``: use :meth:`open` (see
+        :meth:`Filesystem.read_content`)."""
+        return self.fs.read_content(self.handle, self.entry.size)
+
     def data_runs(self) -> list[DataRun] | None:
         """Data stretches of a regular file (``None``: treat as dense)."""
         return self.fs.data_runs(self.handle)
@@ -622,6 +627,9 @@ class _LenientItem(TreeItem):
 
     __slots__ = ("report",)
     report: _Leniency
+
+    def read_content(self) -> None:
+        return None  # always through open(): its stream fills what cannot be read with zeros
 
     def open(self) -> BinaryIO:
         try:

@@ -116,6 +116,12 @@ class Filesystem(ABC):
     def open(self, handle: object) -> BinaryIO:
         """A seekable stream over the content of a regular file."""
 
+    def read_content(self, handle: object, size: int) -> bytes | None:
+        """The whole content of a regular file of *size* bytes, read in one call, when the
+        adapter has a quicker way than :meth:`open` (a file in one extent); ``None`` when it
+        has not, and the caller opens the file. Either way the bytes are the same."""
+        return None
+
     def data_runs(self, handle: object) -> list[DataRun] | None:
         """The stretches of a regular file that hold data, merged and sorted, or ``None``
         when the adapter cannot tell (the file is then treated as fully dense)."""

@@ -423,6 +423,12 @@ class ExtFilesystem(Filesystem):
         """A seekable stream over the content of a regular file (or directory, symlink)."""
         return self._on_inode(self._open, handle)
 
+    def read_content(self, handle: object, size: int) -> bytes | None:
+        """A regular file in one written extent from block 0 (most files): its content with
+        one read of the volume, without a stream object (a quarter of the per-file cost of
+        reading a small file)."""
+        return self._on_inode(self._read_content, handle)
+
     def data_runs(self, handle: object) -> list[DataRun] | None:
         """Byte ranges of a file that hold data, merged, sorted and clipped to its size.
 
@@ -771,6 +777,20 @@ class ExtFilesystem(Filesystem):
             return io.BytesIO(ino.i_block[: ino.size])
         stream = RunlistReader(self._fh, self._runlist(ino), ino.size, self.block_size).as_binary()
         return stream
+
+    def _read_content(self, inum: int) -> bytes | None:
+        ino = self._inode(inum)
+        if ino.mode & 0o170000 != _stat.S_IFREG or ino.flags & _INLINE_DATA_FL:
+            return None
+        extents = self._runs_cache(inum)
+        size = ino.size
+        if len(extents) != 1 or not size:
+            return None
+        ext = extents[0]
+        bs = self.block_size
+        if ext.logical or ext.unwritten or ext.length * bs < size:
+            return None  # holes, or zeros to add: the stream does that
+        return self._read(ext.physical * bs, size)
 
     def _data_runs(self, inum: int) -> list[DataRun] | None:
         ino = self._inode(inum)

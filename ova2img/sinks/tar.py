@@ -421,16 +421,15 @@ class TarWriter:
             self.stats.data_bytes += total
             return
         done = 0  # file offset written so far (dense_size only)
+        if whole and item.entry.size <= CHUNK:  # most files: one read, without a stream
+            content = item.read_content()
+            if content is not None and len(content) == item.entry.size:
+                self._write(content)
+                self.stats.data_bytes += len(content)
+                if self._on_progress is not None:
+                    self._on_progress(self.stats.data_bytes)
+                return
         with item.open() as stream:
-            if whole and item.entry.size <= CHUNK:  # most files: one read
-                chunk = stream.read(item.entry.size)
-                if len(chunk) == item.entry.size:
-                    self._write(chunk)
-                    self.stats.data_bytes += len(chunk)
-                    if self._on_progress is not None:
-                        self._on_progress(self.stats.data_bytes)
-                    return
-                stream.seek(0)  # short: the general loop below says where it ended
             for offset, length in runs:
                 if dense_size is not None:
                     self._zeros(offset - done)

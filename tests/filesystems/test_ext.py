@@ -214,6 +214,35 @@ def test_walk_matches_kernel(
 
 
 @pytest.mark.root
+@pytest.mark.parametrize("variant", ["ext4", "ext4-inline", "ext2-1k"])
+def test_read_content_takes_one_extent_files_only(
+    require_root: None, variant: str, images: dict[str, Path]
+) -> None:
+    # The tar writer reads a file in one extent without a stream (ExtFilesystem.read_content);
+    # holes, inline data, block maps of several runs and unwritten extents go through open().
+    with open(images[variant], "rb") as fh:
+        fs = ExtFilesystem(fh, name=variant)
+        quick: dict[str, bytes | None] = {}
+        for name in ("big", "sparse", "tiny100", "fallocated"):
+            try:
+                h = fs.lookup(b"/" + name.encode())
+            except FileNotFoundError:
+                continue
+            quick[name] = fs.read_content(h, fs.stat(h).size)
+            with fs.open(h) as stream:
+                content = stream.read()
+            assert quick[name] is None or quick[name] == content, name
+    assert quick["sparse"] is None  # a hole before the data
+    assert quick["big"] is not None and len(quick["big"]) == MiB + 123
+    if variant == "ext4-inline":
+        assert quick["tiny100"] is None  # inline data, with a system.data tail
+    else:
+        assert quick["tiny100"] == bytes(range(100))
+    if variant != "ext2-1k":
+        assert quick["fallocated"] is None  # unwritten extents around the written block
+
+
+@pytest.mark.root
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_identity_matches_blkid(require_root: None, variant: str, images: dict[str, Path]) -> None:
     blkid = run("blkid", "-p", "-o", "export", images[variant])

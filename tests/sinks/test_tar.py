@@ -613,7 +613,6 @@ def test_sparse_member_matches_gnu_tar(tmp_path: Path, layout: list[tuple[int, i
     assert not (dest / "GNUSparseFile.0").exists()
 
 
-
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["middle", "ends", "empty"])
 def test_dense_member_matches_gnu_tar_without_sparse(
     tmp_path: Path, layout: list[tuple[int, int]]
@@ -698,6 +697,7 @@ def test_dense_giant_sparse_file_streams_zeros() -> None:
     assert sink.largest <= tarmod.CHUNK + tarmod.CHUNK // 4
     # the headers of ./ and ./giant (no PAX records needed), then the data: at 2 blocks
     assert sink.window == bytes(4096) + GIANT_DATA + bytes(4096)
+
 
 def test_empty_tree_is_just_the_end() -> None:
     data, stats = build([])
