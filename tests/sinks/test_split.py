@@ -14,6 +14,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,42 @@ def test_no_second_process_to_be_had_writes_alone(
     _convert(image, tmp_path / "two.tar", "2", monkeypatch)
     assert (tmp_path / "one.tar").read_bytes() == (tmp_path / "two.tar").read_bytes()
     assert len(os.listdir("/proc/self/fd")) == fds  # the pipe was closed
+
+
+def test_second_writer_goes_on_while_the_pipe_is_full() -> None:
+    # The first process reads a batch only after writing its own: the second hands finished
+    # batches to its pipe thread and goes on (up to AHEAD waiting), then delivers all, in order.
+    r, w = os.pipe()
+    sink = split._FrameSink(w)
+    pieces = [bytes([65 + i]) * (1 << 20) for i in range(split.AHEAD + 1)]
+
+    def produce() -> None:
+        for piece in pieces:
+            sink.write(piece)
+            sink.flush()  # nobody reads yet: the pipe (64 KiB-1 MiB) is full after the first
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    producer.join(timeout=10)
+    assert not producer.is_alive(), "the second writer waited for the pipe"
+    received = bytearray()
+    reader = threading.Thread(target=lambda: received.extend(_read_all(r)))
+    reader.start()
+    sink.close()
+    os.close(w)
+    reader.join(timeout=10)
+    os.close(r)
+    frames = []
+    view = memoryview(bytes(received))
+    while view:
+        (length,) = split._FRAME.unpack(view[:4])
+        frames.append(bytes(view[4 : 4 + length]))
+        view = view[4 + length :]
+    assert frames == pieces
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
