@@ -35,6 +35,7 @@ from dissect.btrfs.exceptions import Error as DissectBtrfsError
 from dissect.btrfs.stream import decode_extent
 from dissect.util.stream import AlignedStream
 
+from .._stream import pread_of
 from ..errors import FilesystemError, Ova2imgError, UnsupportedError
 from ._posix_acl import AclFormatError, xattr_acl
 from .base import DataRun, Entry, EntryType, Filesystem
@@ -45,6 +46,8 @@ log = logging.getLogger("ova2img.filesystems")
 
 _SB_OFFSET = 0x10000
 _MAGIC = b"_BHRfS_M"
+# BTRFS_BLOCK_GROUP_RAID0 | RAID10 | RAID5 | RAID6: profiles that stripe a chunk's bytes
+_STRIPED = (1 << 3) | (1 << 6) | (1 << 7) | (1 << 8)
 
 # Object ids and key types (fs/btrfs/ uapi btrfs_tree.h).
 _ROOT_TREE_DIR_OBJECTID = 6
@@ -238,6 +241,17 @@ class _Core:
         label = bytes(sb.label).split(b"\0", 1)[0]
         self.label = label.decode("utf-8", "surrogateescape") or None
         self._logical: BinaryIO = btrfs._logical_fh
+        # Chunks whose first stripe holds the chunk's bytes in one piece (SINGLE, DUP, the
+        # RAID1 kinds): logical -> physical is an offset, read with one pread of the device.
+        # dissect's ChunkStream reads in aligned 64 KiB blocks, a whole block for every small
+        # file; striped profiles (RAID0/10/5/6) still go through it.
+        self._linear: list[tuple[int, int, int, Callable[[int, int], bytes]]] = []
+        for chunk in btrfs._logical_fh.chunks:
+            stripe = chunk.stripes[0] if chunk.stripes else None
+            if int(chunk.type) & _STRIPED or stripe is None or stripe.fh is None:
+                continue
+            self._linear.append((chunk.offset, chunk.length, stripe.offset, pread_of(stripe.fh)))
+        self._linear_starts = [c[0] for c in self._linear]
 
         self.node: Callable[[int], _Node] = lru_cache(_NODE_CACHE)(self._load_node)
         self.inode: Callable[[int, int], _Inode] = lru_cache(_INODE_CACHE)(self._load_inode)
@@ -264,6 +278,14 @@ class _Core:
     # -- raw access ----------------------------------------------------------------------------
 
     def read_logical(self, address: int, length: int) -> bytes:
+        i = bisect_right(self._linear_starts, address) - 1
+        if i >= 0:
+            start, size, physical, pread = self._linear[i]
+            if address + length <= start + size:
+                data = pread(physical + address - start, length)
+                if len(data) != length:
+                    raise _Corrupt(f"short read of {length} bytes at logical {address:#x}")
+                return bytes(data)
         self._logical.seek(address)
         data = self._logical.read(length)
         if len(data) != length:
@@ -564,41 +586,49 @@ class _ExtentStream(AlignedStream):  # type: ignore[misc]
             ) from exc
 
     def _read_extents(self, offset: int, length: int) -> bytes:
-        end = min(offset + length, self.size)
-        out = bytearray()
-        pos = offset
-        i = max(bisect_right(self._starts, pos) - 1, 0)
-        while pos < end:
-            ext = self._extents[i] if i < len(self._extents) else None
-            if ext is None or pos < ext.file_offset:
-                # A hole (implied with NO_HOLES, or past the last extent).
-                stop = end if ext is None else min(end, ext.file_offset)
-                out += bytes(stop - pos)
-                pos = stop
-                continue
-            ext_end = ext.file_offset + ext.length
-            if pos >= ext_end:
-                i += 1
-                continue
-            stop = min(end, ext_end)
-            rel = pos - ext.file_offset
-            n = stop - pos
-            if ext.kind == "zero":
-                out += bytes(n)
-            elif ext.kind == "inline":
-                data = self._core.inflate(ext) if ext.compression else ext.inline
-                chunk = data[rel : rel + n]
-                out += chunk + bytes(n - len(chunk))
-            elif ext.compression:
-                # The file extent's offset counts in the decompressed data (btrfs_file_extent_item).
-                data = self._core.inflate(ext)
-                chunk = data[ext.extent_offset + rel : ext.extent_offset + rel + n]
-                out += chunk + bytes(n - len(chunk))
-            else:
-                out += self._core.read_logical(ext.disk_bytenr + ext.extent_offset + rel, n)
+        return _read_extents(self._core, self._extents, self._starts, self.size, offset, length)
+
+
+def _read_extents(
+    core: _Core, extents: list[_Extent], starts: list[int], size: int, offset: int, length: int
+) -> bytes:
+    """*length* bytes at *offset* of a file of *size* bytes with these *extents* (whose
+    file offsets are *starts*): holes and preallocated extents read as zeros."""
+    end = min(offset + length, size)
+    out = bytearray()
+    pos = offset
+    i = max(bisect_right(starts, pos) - 1, 0)
+    while pos < end:
+        ext = extents[i] if i < len(extents) else None
+        if ext is None or pos < ext.file_offset:
+            # A hole (implied with NO_HOLES, or past the last extent).
+            stop = end if ext is None else min(end, ext.file_offset)
+            out += bytes(stop - pos)
             pos = stop
+            continue
+        ext_end = ext.file_offset + ext.length
+        if pos >= ext_end:
             i += 1
-        return bytes(out)
+            continue
+        stop = min(end, ext_end)
+        rel = pos - ext.file_offset
+        n = stop - pos
+        if ext.kind == "zero":
+            out += bytes(n)
+        elif ext.kind == "inline":
+            data = core.inflate(ext) if ext.compression else ext.inline
+            chunk = data[rel : rel + n]
+            out += chunk + bytes(n - len(chunk))
+        elif ext.compression:
+            # The file extent's offset counts in the decompressed data (btrfs_file_extent_item).
+            data = core.inflate(ext)
+            chunk = data[ext.extent_offset + rel : ext.extent_offset + rel + n]
+            out += chunk + bytes(n - len(chunk))
+        else:
+            out += core.read_logical(ext.disk_bytenr + ext.extent_offset + rel, n)
+        pos = stop
+        i += 1
+    return bytes(out)
 
 
 class BtrfsFilesystem(Filesystem):
@@ -789,6 +819,11 @@ class BtrfsFilesystem(Filesystem):
         h = self._handle(handle)
         return self._wrap(lambda: self._open(h), self._what(h))
 
+    def read_content(self, handle: object, size: int) -> bytes | None:
+        """A regular file's content straight from its extents, without a stream object."""
+        h = self._handle(handle)
+        return self._wrap(lambda: self._read_content(h, size), self._what(h))
+
     def data_runs(self, handle: object) -> list[DataRun] | None:
         """Byte ranges of a file that hold data (regular, compressed and inline extents),
         merged and clipped to the size; holes and preallocated extents are not data."""
@@ -911,6 +946,16 @@ class BtrfsFilesystem(Filesystem):
             raise _Corrupt(f"mode {ino.mode:#o} has no data to open")
         stream: BinaryIO = _ExtentStream(core, core.extents(h.tree, h.ino), ino.size)
         return stream
+
+    def _read_content(self, h: BtrfsHandle, size: int) -> bytes | None:
+        if h.stub_parent:
+            return None
+        core = self._core
+        ino = core.inode(h.tree, h.ino)
+        if ino.mode & 0o170000 != _stat.S_IFREG or ino.size != size:
+            return None
+        extents = core.extents(h.tree, h.ino)
+        return _read_extents(core, extents, [e.file_offset for e in extents], size, 0, size)
 
     def _data_runs(self, h: BtrfsHandle) -> list[DataRun] | None:
         if h.stub_parent:
