@@ -410,6 +410,12 @@ class XfsFilesystem(Filesystem):
         inum = self._inum(handle)
         return self._wrap(lambda: self._open(inum), f"inode {inum}")
 
+    def read_content(self, handle: object, size: int) -> bytes | None:
+        """A regular file in one written extent from block 0 (most files): its content with
+        one read of the volume, without a stream object."""
+        inum = self._inum(handle)
+        return self._wrap(lambda: self._read_content(inum), f"inode {inum}")
+
     def data_runs(self, handle: object) -> list[DataRun] | None:
         """Byte ranges of a regular file that hold data, merged, sorted, clipped to its size.
 
@@ -906,6 +912,20 @@ class XfsFilesystem(Filesystem):
             runs.append((None, nblocks - pos))
         stream = RunlistReader(self._fh, runs, ino.size, bs).as_binary()
         return stream
+
+    def _read_content(self, inum: int) -> bytes | None:
+        ino = self._inode(inum)
+        if ino.mode & 0o170000 != _stat.S_IFREG or ino.format == _FMT_LOCAL or not ino.size:
+            return None
+        self._check_regular(ino)
+        extents = self._map_cache(inum, False)
+        if not extents:
+            return None
+        ext = extents[0]
+        bs = self.block_size
+        if ext.logical or ext.unwritten or ext.length * bs < ino.size:
+            return None  # holes, or zeros to add: the stream does that
+        return self._read(ext.physical * bs, ino.size)
 
     def _data_runs(self, inum: int) -> list[DataRun] | None:
         ino = self._inode(inum)
