@@ -9,9 +9,14 @@ from __future__ import annotations
 import enum
 import stat
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
+
+from ..errors import FilesystemError, Ova2imgError
+
+_H = TypeVar("_H")
+_T = TypeVar("_T")
 
 
 class EntryType(enum.Enum):
@@ -194,3 +199,22 @@ def _lookup(fs: Filesystem, path: bytes, *, follow: bool) -> object:
             continue
         stack.append(child)
     return stack[-1]
+
+
+def decode_guarded(
+    func: Callable[[_H], _T],
+    handle: _H,
+    errors: tuple[type[Exception], ...],
+    describe: Callable[[_H], str],
+    name: str,
+) -> _T:
+    """``func(handle)`` for an adapter's public call: what decoding damaged structures raises
+    (*errors*) becomes a :class:`FilesystemError` saying which object (``describe(handle)``)
+    on which filesystem (*name*). The description is made only on failure: this runs several
+    times for every file of a conversion."""
+    try:
+        return func(handle)
+    except Ova2imgError:
+        raise
+    except errors as exc:
+        raise FilesystemError(f"{describe(handle)}: {exc}", obj=name) from exc

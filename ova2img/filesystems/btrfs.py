@@ -38,7 +38,7 @@ from dissect.util.stream import AlignedStream
 from .._stream import pread_of
 from ..errors import FilesystemError, Ova2imgError, UnsupportedError
 from ._posix_acl import AclFormatError, xattr_acl
-from .base import DataRun, Entry, EntryType, Filesystem
+from .base import DataRun, Entry, EntryType, Filesystem, decode_guarded
 
 __all__ = ["BtrfsFilesystem", "BtrfsHandle"]
 
@@ -111,6 +111,22 @@ _T = TypeVar("_T")
 
 class _Corrupt(Exception):  # noqa: N818 - internal, always re-raised as FilesystemError
     """Internal: a structure failed a sanity check (turned into FilesystemError at the API)."""
+
+
+#: what decoding damaged structures raises, here or in dissect: a FilesystemError at the API
+_DECODE_ERRORS = (
+    _Corrupt,
+    DissectBtrfsError,
+    AclFormatError,
+    EOFError,
+    OSError,
+    struct.error,
+    ValueError,
+    IndexError,
+    KeyError,
+    RecursionError,
+    OverflowError,
+)
 
 
 class BtrfsHandle(NamedTuple):
@@ -805,30 +821,25 @@ class BtrfsFilesystem(Filesystem):
 
     def stat(self, handle: object) -> Entry:
         """Metadata of the inode, as ``lstat``/``listxattr``/``readlink`` show it."""
-        h = self._handle(handle)
-        return self._wrap(lambda: self._stat(h), self._what(h))
+        return self._on_handle(self._stat, handle)
 
     def iterdir(self, handle: object) -> Iterator[tuple[bytes, object]]:
         """``(name, handle)`` of a directory's entries (DIR_INDEX order), without . and ..;
         entries of nested subvolumes lead into their trees."""
-        h = self._handle(handle)
-        return iter(self._wrap(lambda: self._listdir(h), self._what(h)))
+        return iter(self._on_handle(self._listdir, handle))
 
     def open(self, handle: object) -> BinaryIO:
         """A seekable stream over the content of a regular file (or a symlink's target)."""
-        h = self._handle(handle)
-        return self._wrap(lambda: self._open(h), self._what(h))
+        return self._on_handle(self._open, handle)
 
     def read_content(self, handle: object, size: int) -> bytes | None:
         """A regular file's content straight from its extents, without a stream object."""
-        h = self._handle(handle)
-        return self._wrap(lambda: self._read_content(h, size), self._what(h))
+        return self._on_handle(self._read_content, handle)
 
     def data_runs(self, handle: object) -> list[DataRun] | None:
         """Byte ranges of a file that hold data (regular, compressed and inline extents),
         merged and clipped to the size; holes and preallocated extents are not data."""
-        h = self._handle(handle)
-        return self._wrap(lambda: self._data_runs(h), self._what(h))
+        return self._on_handle(self._data_runs, handle)
 
     # -- internals -------------------------------------------------------------------------------
 
@@ -841,24 +852,18 @@ class BtrfsFilesystem(Filesystem):
     def _what(h: BtrfsHandle) -> str:
         return f"subvolume {h.tree} inode {h.ino}"
 
+    def _on_handle(self, func: Callable[[BtrfsHandle], _T], handle: object) -> _T:
+        """``func(handle)``, a decoding failure raised as :class:`FilesystemError` naming the
+        subvolume and inode."""
+        h = handle if type(handle) is BtrfsHandle else self._handle(handle)
+        return decode_guarded(func, h, _DECODE_ERRORS, self._what, self._name)
+
     def _wrap(self, func: Callable[[], _T], context: str) -> _T:
         try:
             return func()
         except Ova2imgError:
             raise
-        except (
-            _Corrupt,
-            DissectBtrfsError,
-            AclFormatError,
-            EOFError,
-            OSError,
-            struct.error,
-            ValueError,
-            IndexError,
-            KeyError,
-            RecursionError,
-            OverflowError,
-        ) as exc:
+        except _DECODE_ERRORS as exc:
             raise FilesystemError(f"{context}: {exc}", obj=self._name) from exc
 
     def _stat(self, h: BtrfsHandle) -> Entry:
@@ -947,13 +952,14 @@ class BtrfsFilesystem(Filesystem):
         stream: BinaryIO = _ExtentStream(core, core.extents(h.tree, h.ino), ino.size)
         return stream
 
-    def _read_content(self, h: BtrfsHandle, size: int) -> bytes | None:
+    def _read_content(self, h: BtrfsHandle) -> bytes | None:
         if h.stub_parent:
             return None
         core = self._core
         ino = core.inode(h.tree, h.ino)
-        if ino.mode & 0o170000 != _stat.S_IFREG or ino.size != size:
+        if ino.mode & 0o170000 != _stat.S_IFREG:
             return None
+        size = ino.size
         extents = core.extents(h.tree, h.ino)
         return _read_extents(core, extents, [e.file_offset for e in extents], size, 0, size)
 

@@ -28,7 +28,7 @@ from dissect.util.stream import AlignedStream
 from ..errors import FilesystemError, Ova2imgError, UnsupportedError
 from ._posix_acl import AclFormatError, ext_acl_to_xattr
 from ._runlist import RunlistReader
-from .base import DataRun, Entry, EntryType, Filesystem
+from .base import DataRun, Entry, EntryType, Filesystem, decode_guarded
 
 __all__ = ["ExtFilesystem"]
 
@@ -110,6 +110,10 @@ _DECODE_ERRORS = (
     RecursionError,
     ArithmeticError,
 )
+
+
+def _inode_label(inum: int) -> str:
+    return f"inode {inum}"
 
 
 def _by_logical(extent: _Extent) -> int:
@@ -445,16 +449,9 @@ class ExtFilesystem(Filesystem):
 
     def _on_inode(self, func: Callable[[int], _T], handle: object) -> _T:
         """``func(inode number)``, a decoding failure raised as :class:`FilesystemError`
-        naming the inode (as :meth:`_wrap`, without a closure per call: this runs 3 times for
-        every file of a conversion)."""
-        if type(handle) is not int:
-            handle = self._inum(handle)
-        try:
-            return func(handle)
-        except Ova2imgError:
-            raise
-        except _DECODE_ERRORS as exc:
-            raise FilesystemError(f"inode {handle}: {exc}", obj=self._name) from exc
+        naming the inode."""
+        inum = handle if type(handle) is int else self._inum(handle)
+        return decode_guarded(func, inum, _DECODE_ERRORS, _inode_label, self._name)
 
     def _wrap(self, func: Callable[[], _T], context: str) -> _T:
         try:

@@ -30,7 +30,7 @@ from dissect.xfs.exceptions import Error as DissectXfsError
 from ..errors import FilesystemError, Ova2imgError, UnsupportedError
 from ._posix_acl import ACL_GROUP, ACL_UNDEFINED_ID, ACL_USER, AclFormatError, xattr_acl
 from ._runlist import RunlistReader
-from .base import DataRun, Entry, EntryType, Filesystem
+from .base import DataRun, Entry, EntryType, Filesystem, decode_guarded
 
 __all__ = ["XfsFilesystem"]
 
@@ -121,6 +121,25 @@ _T = TypeVar("_T")
 
 class _Corrupt(Exception):  # noqa: N818 - internal, always re-raised as FilesystemError
     """Internal: a structure failed a sanity check (turned into FilesystemError at the API)."""
+
+
+#: what decoding damaged structures raises, here or in dissect: a FilesystemError at the API
+_DECODE_ERRORS = (
+    _Corrupt,
+    DissectXfsError,
+    AclFormatError,
+    EOFError,
+    struct.error,
+    ValueError,
+    IndexError,
+    KeyError,
+    RecursionError,
+    OverflowError,
+)
+
+
+def _inode_label(inum: int) -> str:
+    return f"inode {inum}"
 
 
 @dataclass(slots=True)
@@ -397,24 +416,20 @@ class XfsFilesystem(Filesystem):
 
     def stat(self, handle: object) -> Entry:
         """Metadata of the inode, as ``lstat``/``listxattr``/``readlink`` show it."""
-        inum = self._inum(handle)
-        return self._wrap(lambda: self._stat(inum), f"inode {inum}")
+        return self._on_inode(self._stat, handle)
 
     def iterdir(self, handle: object) -> Iterator[tuple[bytes, object]]:
         """``(name, inode number)`` of a directory's entries, without ``.`` and ``..``."""
-        inum = self._inum(handle)
-        return iter(self._wrap(lambda: self._listdir(inum), f"inode {inum}"))
+        return iter(self._on_inode(self._listdir, handle))
 
     def open(self, handle: object) -> BinaryIO:
         """A seekable stream over the content of a regular file; unwritten extents are zeros."""
-        inum = self._inum(handle)
-        return self._wrap(lambda: self._open(inum), f"inode {inum}")
+        return self._on_inode(self._open, handle)
 
     def read_content(self, handle: object, size: int) -> bytes | None:
         """A regular file in one written extent from block 0 (most files): its content with
         one read of the volume, without a stream object."""
-        inum = self._inum(handle)
-        return self._wrap(lambda: self._read_content(inum), f"inode {inum}")
+        return self._on_inode(self._read_content, handle)
 
     def data_runs(self, handle: object) -> list[DataRun] | None:
         """Byte ranges of a regular file that hold data, merged, sorted, clipped to its size.
@@ -422,8 +437,7 @@ class XfsFilesystem(Filesystem):
         Holes and unwritten (fallocated) extents are not data, as ``SEEK_DATA`` reports on a
         clean read-only mount.
         """
-        inum = self._inum(handle)
-        return self._wrap(lambda: self._data_runs(inum), f"inode {inum}")
+        return self._on_inode(self._data_runs, handle)
 
     # -- internals: errors ---------------------------------------------------------------------
 
@@ -432,23 +446,18 @@ class XfsFilesystem(Filesystem):
             raise FilesystemError(f"not an XFS inode handle: {handle!r}", obj=self._name)
         return handle
 
+    def _on_inode(self, func: Callable[[int], _T], handle: object) -> _T:
+        """``func(inode number)``, a decoding failure raised as :class:`FilesystemError`
+        naming the inode."""
+        inum = handle if type(handle) is int else self._inum(handle)
+        return decode_guarded(func, inum, _DECODE_ERRORS, _inode_label, self._name)
+
     def _wrap(self, func: Callable[[], _T], context: str) -> _T:
         try:
             return func()
         except Ova2imgError:
             raise
-        except (
-            _Corrupt,
-            DissectXfsError,
-            AclFormatError,
-            EOFError,
-            struct.error,
-            ValueError,
-            IndexError,
-            KeyError,
-            RecursionError,
-            OverflowError,
-        ) as exc:
+        except _DECODE_ERRORS as exc:
             raise FilesystemError(f"{context}: {exc}", obj=self._name) from exc
 
     # -- internals: reading --------------------------------------------------------------------
