@@ -50,7 +50,16 @@ MiB = 1 << 20
 GiB = 1 << 30
 BUILD_VERSION = 2  # bump when a builder changes: cached images are rebuilt
 QUICK = ("debian", "files-2k5", "files-25k", "bigfiles", "sparse-20g")
-ALL = ("debian", "files-2k5", "files-25k", "files-250k", "bigfiles", "sparse-20g")
+ALL = (
+    "debian",
+    "files-2k5",
+    "files-25k",
+    "files-25k-xfs",
+    "files-25k-btrfs",
+    "files-250k",
+    "bigfiles",
+    "sparse-20g",
+)
 TAR_ARGS = ("--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls", "--sparse")
 IS_ROOT = os.geteuid() == 0
 
@@ -129,13 +138,14 @@ def big_files(count: int = 12, size: int = 32 * MiB) -> Callable[[Path], None]:
 
 @dataclass(frozen=True)
 class Case:
-    """How to build one guest: the ext4's size, what goes in it, its inode count."""
+    """How to build one guest: the filesystem size, what goes in it, its inode count (ext4)."""
 
     name: str
     fs_size: int
     populate: Callable[[Path], None] | None
     inodes: int | None = None
     debian: bool = False
+    fstype: str = "ext4"  # or xfs, btrfs: populated on a kernel mount, no fstab
 
 
 def cases() -> dict[str, Case]:
@@ -152,6 +162,8 @@ def cases() -> dict[str, Case]:
         "files-2k5": files("files-2k5", 2_500),
         "files-25k": files("files-25k", 25_000),
         "files-250k": files("files-250k", 250_000),
+        "files-25k-xfs": Case("files-25k-xfs", 512 * MiB, small_files(25_000), fstype="xfs"),
+        "files-25k-btrfs": Case("files-25k-btrfs", 640 * MiB, small_files(25_000), fstype="btrfs"),
         "bigfiles": Case("bigfiles", 512 * MiB, big_files()),
         "sparse-20g": Case("sparse-20g", 20 * GiB - 2 * MiB, small_files(1_000, seed=3)),
     }
@@ -189,6 +201,24 @@ def build(case: Case, workdir: Path, *, rebuild: bool) -> Built:
         from tests.support.guests import debian_guest
 
         ova = debian_guest(d, probes=False, fs_size=case.fs_size, name="debian").ova
+    elif case.fstype != "ext4":
+        if not IS_ROOT:
+            raise SystemExit(f"the {case.name} case is built as root (a kernel mount)")
+        import uuid
+
+        from tests.support.fsguests import build_btrfs_image, build_xfs_image
+        from tests.support.images import DiskLayout, Partition, build_disk
+
+        assert case.populate is not None
+        image = d / f"{case.name}.img"
+        build = build_xfs_image if case.fstype == "xfs" else build_btrfs_image
+        build(image, case.populate, fs_uuid=str(uuid.uuid4()), size=case.fs_size)
+        layout = DiskLayout(
+            "mbr", (Partition(None, image=image, mountpoint="/"),), size=case.fs_size + 2 * MiB
+        )
+        disk = build_disk(d / f"{case.name}.raw", layout)
+        vmdk = to_vmdk(disk.path, d / f"{case.name}.vmdk")
+        ova = make_ova(d / f"{case.name}.ova", [vmdk], case.name)
     else:
         kwargs: dict[str, object] = {"fixup": False}
         if case.inodes:
@@ -357,6 +387,7 @@ def run_root(built: Built, out: Path, cache: str) -> Run:
         rss = max(rss, m.rss)
         overhead += m.overhead
         return m.wall
+
     scratch = Path(tempfile.mkdtemp(prefix="ova2img-bench-root-", dir="/tmp"))
     mnt = Path(tempfile.mkdtemp(prefix="ova2img-bench-mnt-", dir="/tmp"))
     dev = None
@@ -444,15 +475,15 @@ def summarise(built: list[Built], runs: list[Run]) -> list[dict[str, object]]:
 def print_table(built: list[Built], rows: list[dict[str, object]]) -> None:
     """The figures, readable."""
     print()
-    print(f"{'case':<11} {'entries':>8} {'data MB':>9} {'virtual MiB':>12} {'OVA MiB':>8}")
+    print(f"{'case':<15} {'entries':>8} {'data MB':>9} {'virtual MiB':>12} {'OVA MiB':>8}")
     for b in built:
         print(
-            f"{b.name:<11} {b.entries:>8,} {b.data_bytes / 1e6:>9,.0f}"
+            f"{b.name:<15} {b.entries:>8,} {b.data_bytes / 1e6:>9,.0f}"
             f" {b.virtual_size / MiB:>12,.0f} {b.ova_size / MiB:>8,.0f}"
         )
     print()
     head = (
-        f"{'case':<11} {'cache':<5} {'tool':<7} {'wall s':>8} {'ratio':>6} {'MB/s':>7}"
+        f"{'case':<15} {'cache':<5} {'tool':<7} {'wall s':>8} {'ratio':>6} {'MB/s':>7}"
         f" {'files/s':>8} {'RSS MiB':>8} {'tmp MiB':>8}  root steps (s)"
     )
     print(head)
@@ -462,7 +493,7 @@ def print_table(built: list[Built], rows: list[dict[str, object]]) -> None:
         steps = r["steps_s"]
         assert isinstance(steps, dict)
         print(
-            f"{r['case']:<11} {r['cache']:<5} {r['tool']:<7} {r['wall_s']:>8.2f} {ratio:>6}"
+            f"{r['case']:<15} {r['cache']:<5} {r['tool']:<7} {r['wall_s']:>8.2f} {ratio:>6}"
             f" {r['data_MBps']:>7.1f} {r['files_per_s']:>8,} {r['peak_rss_MiB']:>8.1f}"
             f" {r['temp_disk_MiB']:>8.1f}  " + " ".join(f"{k}={v:.2f}" for k, v in steps.items())
         )
