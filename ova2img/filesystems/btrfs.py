@@ -101,7 +101,7 @@ _ACL_ENTRY = struct.Struct("<HHI")
 _POSIX_ACL_NAMES = frozenset({"system.posix_acl_access", "system.posix_acl_default"})
 _INO_BITS = 40
 
-_NODE_CACHE = 2048
+_NODE_CACHE = 1024
 _INODE_CACHE = 8192
 _EXTENTS_CACHE = 64
 _INFLATED_CACHE = 8
