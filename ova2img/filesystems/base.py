@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import stat
+import struct
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,19 @@ from ..errors import FilesystemError, Ova2imgError
 
 _H = TypeVar("_H")
 _T = TypeVar("_T")
+
+#: what parsing damaged on-disk structures raises, in Python and inside the dissect libraries
+#: (besides each library's own error class and the adapter's own): each adapter turns them into
+#: a FilesystemError that names the object
+DECODE_ERRORS: tuple[type[Exception], ...] = (
+    EOFError,
+    struct.error,
+    ValueError,
+    IndexError,
+    KeyError,
+    RecursionError,
+    ArithmeticError,
+)
 
 
 class EntryType(enum.Enum):

@@ -38,7 +38,7 @@ from dissect.util.stream import AlignedStream
 from .._stream import pread_of
 from ..errors import FilesystemError, Ova2imgError, UnsupportedError
 from ._posix_acl import AclFormatError, xattr_acl
-from .base import DataRun, Entry, EntryType, Filesystem, decode_guarded
+from .base import DECODE_ERRORS, DataRun, Entry, EntryType, Filesystem, decode_guarded
 
 __all__ = ["BtrfsFilesystem", "BtrfsHandle"]
 
@@ -114,19 +114,7 @@ class _Corrupt(Exception):  # noqa: N818 - internal, always re-raised as Filesys
 
 
 #: what decoding damaged structures raises, here or in dissect: a FilesystemError at the API
-_DECODE_ERRORS = (
-    _Corrupt,
-    DissectBtrfsError,
-    AclFormatError,
-    EOFError,
-    OSError,
-    struct.error,
-    ValueError,
-    IndexError,
-    KeyError,
-    RecursionError,
-    OverflowError,
-)
+_DECODE_ERRORS = (_Corrupt, DissectBtrfsError, AclFormatError, OSError, *DECODE_ERRORS)
 
 
 class BtrfsHandle(NamedTuple):

@@ -28,7 +28,7 @@ from dissect.util.stream import AlignedStream
 from ..errors import FilesystemError, Ova2imgError, UnsupportedError
 from ._posix_acl import AclFormatError, ext_acl_to_xattr
 from ._runlist import RunlistReader
-from .base import DataRun, Entry, EntryType, Filesystem, decode_guarded
+from .base import DECODE_ERRORS, DataRun, Entry, EntryType, Filesystem, decode_guarded
 
 __all__ = ["ExtFilesystem"]
 
@@ -98,18 +98,7 @@ class _Corrupt(Exception):  # noqa: N818 - internal, always re-raised as Filesys
 
 
 #: what decoding damaged structures raises, here or in dissect: a FilesystemError at the API
-_DECODE_ERRORS = (
-    _Corrupt,
-    DissectExtError,
-    AclFormatError,
-    EOFError,
-    struct.error,
-    ValueError,
-    IndexError,
-    KeyError,
-    RecursionError,
-    ArithmeticError,
-)
+_DECODE_ERRORS = (_Corrupt, DissectExtError, AclFormatError, *DECODE_ERRORS)
 
 
 def _inode_label(inum: int) -> str:

@@ -44,7 +44,7 @@ from dissect.fat.exceptions import Error as DissectFatError
 from .._stream import RangeReader
 from ..errors import FilesystemError, Ova2imgError, UnsupportedError
 from ._runlist import RunlistReader
-from .base import DataRun, Entry, EntryType, Filesystem
+from .base import DECODE_ERRORS, DataRun, Entry, EntryType, Filesystem
 
 __all__ = ["VfatFilesystem", "VfatOptions", "parse_vfat_options"]
 
@@ -675,17 +675,7 @@ class VfatFilesystem(Filesystem):
             return func()
         except Ova2imgError:
             raise
-        except (
-            _Corrupt,
-            DissectFatError,
-            EOFError,
-            OSError,
-            struct.error,
-            ValueError,
-            IndexError,
-            KeyError,
-            OverflowError,
-        ) as exc:
+        except (_Corrupt, DissectFatError, OSError, *DECODE_ERRORS) as exc:
             raise FilesystemError(f"{context}: {exc}", obj=self._name) from exc
 
     def _dirent(self, pos: int) -> bytes:

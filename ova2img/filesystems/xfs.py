@@ -30,7 +30,7 @@ from dissect.xfs.exceptions import Error as DissectXfsError
 from ..errors import FilesystemError, Ova2imgError, UnsupportedError
 from ._posix_acl import ACL_GROUP, ACL_UNDEFINED_ID, ACL_USER, AclFormatError, xattr_acl
 from ._runlist import RunlistReader
-from .base import DataRun, Entry, EntryType, Filesystem, decode_guarded
+from .base import DECODE_ERRORS, DataRun, Entry, EntryType, Filesystem, decode_guarded
 
 __all__ = ["XfsFilesystem"]
 
@@ -124,18 +124,7 @@ class _Corrupt(Exception):  # noqa: N818 - internal, always re-raised as Filesys
 
 
 #: what decoding damaged structures raises, here or in dissect: a FilesystemError at the API
-_DECODE_ERRORS = (
-    _Corrupt,
-    DissectXfsError,
-    AclFormatError,
-    EOFError,
-    struct.error,
-    ValueError,
-    IndexError,
-    KeyError,
-    RecursionError,
-    OverflowError,
-)
+_DECODE_ERRORS = (_Corrupt, DissectXfsError, AclFormatError, *DECODE_ERRORS)
 
 
 def _inode_label(inum: int) -> str:
