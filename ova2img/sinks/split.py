@@ -54,7 +54,7 @@ BATCH_ITEMS = 512
 #: … or this many bytes of file content, whichever comes first
 BATCH_BYTES = 8 << 20
 #: what the second process gathers before handing it to its pipe thread …
-BATCH_BUFFER = 16 << 20
+BATCH_BUFFER = 8 << 20
 #: … which has at most this many such buffers waiting (memory: (AHEAD + 2) x BATCH_BUFFER)
 AHEAD = 2
 #: pipe capacity asked for (``F_SETPIPE_SZ``; Linux's default limit is 1 MiB)
