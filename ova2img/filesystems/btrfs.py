@@ -142,6 +142,8 @@ class _Inode:
     atime_ns: int
     ctime_ns: int
     mtime_ns: int
+    #: the raw XATTR_ITEMs, read in the same pass as the INODE_ITEM (they follow it in the tree)
+    xattr_items: tuple[bytes, ...] = ()
 
 
 @dataclass(slots=True)
@@ -434,17 +436,30 @@ class _Core:
     # -- inodes ----------------------------------------------------------------------------------
 
     def _load_inode(self, tree: int, ino: int) -> _Inode:
+        # One pass over the inode's items from INODE_ITEM to its XATTR_ITEMs (between them only
+        # its INODE_REF/EXTREF names), instead of one tree search for each kind.
         root = self.tree_root(tree)
-        for _key, data in self.items(root, (ino, _INODE_ITEM, 0), (ino, _INODE_ITEM, _MAX64)):
-            if len(data) < _INODE.size:
-                raise _Corrupt(f"inode item of {len(data)} bytes")
-            f = _INODE.unpack_from(data)
-            size, nlink, uid, gid, mode, rdev = f[2], f[5], f[6], f[7], f[8], f[9]
-            atime_ns = f[12] * 1_000_000_000 + f[13]
-            ctime_ns = f[14] * 1_000_000_000 + f[15]
-            mtime_ns = f[16] * 1_000_000_000 + f[17]
-            return _Inode(mode, uid, gid, size, nlink, rdev, atime_ns, ctime_ns, mtime_ns)
-        raise _Corrupt("no inode item")
+        inode: _Inode | None = None
+        xattr_items: list[bytes] = []
+        for (_o, typ, _off), data in self.items(
+            root, (ino, _INODE_ITEM, 0), (ino, _XATTR_ITEM, _MAX64)
+        ):
+            if typ == _XATTR_ITEM:
+                xattr_items.append(data)
+            elif typ == _INODE_ITEM and inode is None:
+                if len(data) < _INODE.size:
+                    raise _Corrupt(f"inode item of {len(data)} bytes")
+                f = _INODE.unpack_from(data)
+                size, nlink, uid, gid, mode, rdev = f[2], f[5], f[6], f[7], f[8], f[9]
+                atime_ns = f[12] * 1_000_000_000 + f[13]
+                ctime_ns = f[14] * 1_000_000_000 + f[15]
+                mtime_ns = f[16] * 1_000_000_000 + f[17]
+                inode = _Inode(mode, uid, gid, size, nlink, rdev, atime_ns, ctime_ns, mtime_ns)
+        if inode is None:
+            raise _Corrupt("no inode item")
+        if xattr_items:
+            inode.xattr_items = tuple(xattr_items)
+        return inode
 
     def xattrs(self, tree: int, ino: int) -> dict[str, bytes]:
         """Every XATTR_ITEM of an inode (key offset = name hash; colliding names share an item).
@@ -454,8 +469,7 @@ class _Core:
         getxattr() re-encodes them through ``posix_acl_from_xattr``, which we mirror.
         """
         out: dict[str, bytes] = {}
-        root = self.tree_root(tree)
-        for _key, data in self.items(root, (ino, _XATTR_ITEM, 0), (ino, _XATTR_ITEM, _MAX64)):
+        for data in self.inode(tree, ino).xattr_items:
             for _loc, _typ, raw_name, value in _dir_items(data):
                 name = raw_name.decode("utf-8", "surrogateescape")
                 out[name] = _normalise_acl(value) if name in _POSIX_ACL_NAMES else value
