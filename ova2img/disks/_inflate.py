@@ -38,9 +38,10 @@ if os.environ.get("OVA2IMG_INFLATE", "").lower() != "zlib":
         ERRORS = (zlib.error, cast("type[Exception]", isal_zlib.error))
 
 
-def decompressobj() -> Inflater:
-    """A zlib-format (RFC 1950) inflater from the chosen backend."""
-    inflater: Inflater = _impl.decompressobj()
+def decompressobj(wbits: int = 15) -> Inflater:
+    """An inflater from the chosen backend: zlib format (RFC 1950) by default, raw deflate
+    (RFC 1951) with a negative *wbits*, as :func:`zlib.decompressobj` takes it."""
+    inflater: Inflater = _impl.decompressobj(wbits)
     return inflater
 
 

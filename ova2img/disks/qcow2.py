@@ -17,7 +17,7 @@ Specification: qemu ``docs/interop/qcow2.txt``. What this adapter adds to dissec
 from __future__ import annotations
 
 import struct
-import zlib
+from collections import OrderedDict
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Any, BinaryIO
@@ -25,6 +25,7 @@ from typing import Any, BinaryIO
 from dissect.hypervisor.disk import qcow2 as _qcow2
 
 from ..errors import DiskError, Ova2imgError, UnsupportedError
+from . import _inflate
 from .detect import QCOW2_MAGIC
 from .stream import DECODE_ERRORS, BackingView, DiskStream, ForeignStream, describe
 
@@ -41,6 +42,7 @@ if not _DISSECT_ZSTD and _zstandard is not None:
 
 MAX_VIRTUAL_SIZE = 64 * 2**40
 L2_CACHE_BYTES = 4 * 2**20  # L2 tables kept decoded, at most (at least two tables)
+CLUSTER_CACHE_BYTES = 4 * 2**20  # inflated compressed clusters kept (at least two)
 
 # Incompatible feature bits (qcow2.txt, header bytes 72-79).
 INCOMPAT_DIRTY = 1 << 0
@@ -105,13 +107,41 @@ def check_header(head: bytes, file_size: int, name: str) -> None:
 
 
 class _Stream(_qcow2.QCow2Stream):  # type: ignore[misc]
-    """dissect's stream, with zstd clusters inflated by ``zstandard`` when needed."""
+    """dissect's stream, with inflated clusters cached (a compressed cloud image holds a dozen
+    small files per 64 KiB cluster, each read inflated it again: 3x the time of a VMDK),
+    deflate through the faster backend of :mod:`._inflate`, and zstd clusters inflated by
+    ``zstandard`` when needed."""
+
+    def __init__(self, qcow2: Any) -> None:
+        super().__init__(qcow2)
+        self._clusters: OrderedDict[int, bytes] = OrderedDict()
+        self._cache_clusters = max(2, CLUSTER_CACHE_BYTES // qcow2.cluster_size)
+
+    def _read_compressed(self, cluster_descriptor: int, offset: int, length: int) -> bytes:
+        key = cluster_descriptor & self.qcow2.cluster_offset_mask
+        cluster = self._clusters.get(key)
+        if cluster is None:
+            start = offset - (offset & (self.qcow2.cluster_size - 1))
+            cluster = super()._read_compressed(cluster_descriptor, start, self.qcow2.cluster_size)
+            self._clusters[key] = cluster
+            if len(self._clusters) > self._cache_clusters:
+                self._clusters.popitem(last=False)
+        else:
+            self._clusters.move_to_end(key)
+        within = offset & (self.qcow2.cluster_size - 1)
+        return cluster[within : within + length]
 
     def _decompress(self, buf: bytes) -> bytes:
         csize = self.qcow2.cluster_size
         if self.qcow2.compression_type == 0:
             # Raw deflate, window 4 KiB (qcow2.txt "Compressed Clusters Descriptor").
-            data: bytes = zlib.decompressobj(-12).decompress(buf, csize)
+            try:
+                data: bytes = _inflate.decompressobj(-12).decompress(buf, csize)
+            except _inflate.ERRORS as err:
+                raise DiskError(
+                    f"compressed cluster does not inflate: {err}",
+                    obj=getattr(self, "label", "qcow2"),
+                ) from err
         elif self.qcow2.compression_type == 1 and not _DISSECT_ZSTD and _zstandard is not None:
             # The cluster is one zstd frame followed by padding to the sector (qcow2.c
             # qcow2_zstd_decompress stops at the frame's end).

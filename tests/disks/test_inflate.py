@@ -1,6 +1,6 @@
 """The two inflate backends (isal from the ``fast`` extra, stdlib zlib as the fallback) decode
-a streamOptimized VMDK to the same bytes as ``qemu-img convert -O raw``, and a corrupt grain is
-a DiskError with either."""
+a streamOptimized VMDK and a compressed qcow2 to the same bytes as ``qemu-img convert -O raw``,
+and a corrupt grain is a DiskError with either."""
 
 from __future__ import annotations
 
@@ -34,7 +34,13 @@ with open_source([sys.argv[1]]) as src:
 
 
 @pytest.fixture(scope="module")
-def vmdk(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+def vmdk(compressed: dict[str, tuple[Path, str]]) -> tuple[Path, str]:
+    return compressed["vmdk"]
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:
+    """A streamOptimized VMDK and a ``qemu-img -c`` qcow2 of one disk, with its digest."""
     d = tmp_path_factory.mktemp("inflate")
     raw = d / "disk.raw"
     rnd = random.Random(7)
@@ -45,9 +51,11 @@ def vmdk(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
             f.seek(off)
             f.write(b" ".join(rnd.choices(words, k=20_000))[:300_000])
     out = to_vmdk(raw, d / "disk.vmdk", "streamOptimized")
+    qcow2 = d / "disk.qcow2"
+    subprocess.run(["qemu-img", "convert", "-c", "-O", "qcow2", raw, qcow2], check=True)
     subprocess.run(["qemu-img", "convert", "-O", "raw", out, d / "oracle.raw"], check=True)
     oracle = hashlib.sha256((d / "oracle.raw").read_bytes()).hexdigest()
-    return out, oracle
+    return {"vmdk": (out, oracle), "qcow2": (qcow2, oracle)}
 
 
 def _digest(path: Path, backend: str | None) -> dict[str, str]:
@@ -67,15 +75,21 @@ def _digest(path: Path, backend: str | None) -> dict[str, str]:
     return result
 
 
-def test_isal_backend_is_used_when_installed(vmdk: tuple[Path, str]) -> None:
+@pytest.mark.parametrize("kind", ["vmdk", "qcow2"])
+def test_isal_backend_is_used_when_installed(
+    compressed: dict[str, tuple[Path, str]], kind: str
+) -> None:
     pytest.importorskip("isal", reason="the [fast] extra (isal) is part of the [test] extra")
-    path, oracle = vmdk
+    path, oracle = compressed[kind]
     got = _digest(path, None)
     assert got == {"backend": "isal", "sha256": oracle}
 
 
-def test_zlib_fallback_gives_the_same_bytes(vmdk: tuple[Path, str]) -> None:
-    path, oracle = vmdk
+@pytest.mark.parametrize("kind", ["vmdk", "qcow2"])
+def test_zlib_fallback_gives_the_same_bytes(
+    compressed: dict[str, tuple[Path, str]], kind: str
+) -> None:
+    path, oracle = compressed[kind]
     assert _digest(path, "zlib") == {"backend": "zlib", "sha256": oracle}
 
 
