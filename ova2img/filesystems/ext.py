@@ -88,6 +88,8 @@ _DIRENT_OLD = struct.Struct("<IHH")
 
 _INODE_CACHE = 8192
 _META_CACHE = 1024
+_ITABLE_CHUNK = 64 << 10  # inode table read a VMDK grain at a time …
+_ITABLE_CACHE = 128  # … and 8 MiB of it kept
 _RUNS_CACHE = 64
 
 _T = TypeVar("_T")
@@ -393,6 +395,9 @@ class ExtFilesystem(Filesystem):
 
         self._meta_block: Callable[[int], bytes] = lru_cache(_META_CACHE)(self._read_meta_block)
         self._inode_table: Callable[[int], int] = lru_cache(4096)(self._read_inode_table)
+        self._itable_chunk: Callable[[int, int], bytes] = lru_cache(_ITABLE_CACHE)(
+            self._read_itable_chunk
+        )
         self._inode: Callable[[int], _Inode] = lru_cache(_INODE_CACHE)(self._load_inode)
         self._runs_cache: Callable[[int], list[_Extent]] = lru_cache(_RUNS_CACHE)(
             self._load_extents
@@ -517,10 +522,20 @@ class ExtFilesystem(Filesystem):
             raise _Corrupt(f"inode number out of range 1..{self._inodes_count}")
         group, index = divmod(inum - 1, self._inodes_per_group)
         table = self._inode_table(group)
-        byte = index * self._inode_size
-        block, off = divmod(byte, self.block_size)
-        data = self._meta_block(table + block)
+        chunk, off = divmod(index * self._inode_size, _ITABLE_CHUNK)
+        data = self._itable_chunk(table, chunk)
         return _Inode(self, inum, data[off : off + self._inode_size])
+
+    def _read_itable_chunk(self, table: int, chunk: int) -> bytes:
+        """*chunk* (of :data:`_ITABLE_CHUNK` bytes) of the inode table at block *table*: the
+        inodes of a directory's files lie together, so one read serves a few hundred of them
+        (one block per read cost a pread through every layer for each 16 inodes)."""
+        table_bytes = self._inodes_per_group * self._inode_size
+        start = chunk * _ITABLE_CHUNK
+        length = min(_ITABLE_CHUNK, table_bytes - start)
+        if table * self.block_size + start + length > self.block_count * self.block_size:
+            raise _Corrupt(f"inode table at block {table} runs past the end of the filesystem")
+        return self._read(table * self.block_size + start, length)
 
     def _stat(self, inum: int) -> Entry:
         ino = self._inode(inum)
