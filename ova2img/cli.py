@@ -681,3 +681,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.setLevel(level)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def run() -> NoReturn:
+    """The process entry point (the ``ova2img`` command and ``python -m ova2img``): run
+    :func:`main`, flush stdout and stderr, and end the process at once.
+
+    The interpreter's teardown (freeing every cached inode, grain and module) takes 35-45 ms,
+    a tenth of a small conversion, and nothing ova2img holds needs it: an output is committed
+    or removed inside :func:`main`, temporary files have no name, child processes are reaped.
+    Code that calls :func:`main` in-process gets its return value as usual.
+    """
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)

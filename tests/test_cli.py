@@ -73,3 +73,27 @@ def test_main_leaves_the_logging_level_as_it_found_it(tmp_path: Path) -> None:
     assert main(["convert", str(demo), "-o", str(tmp_path / "out.tar"), "-q"]) == 0
     assert logger.level == before
     assert not [h for h in logger.handlers if isinstance(h, logging.StreamHandler)]
+
+
+def test_process_entry_flushes_before_it_ends(capsys: pytest.CaptureFixture[str]) -> None:
+    # `python -m ova2img` and the `ova2img` script end with os._exit (no interpreter teardown):
+    # what main() printed to a pipe (block-buffered) must all be there, and its exit code.
+    main(["convert", "--help"])
+    expected = capsys.readouterr()
+    done = subprocess.run(
+        [sys.executable, "-m", "ova2img", "convert", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0
+    assert len(expected.out) > 4096  # more than a pipe write's worth of buffered text
+    assert done.stdout == expected.out
+    bad = subprocess.run(
+        [sys.executable, "-m", "ova2img", "convert", "/nonexistent", "-o", "/dev/null"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert bad.returncode == 1
+    assert bad.stderr.startswith("ova2img: error: source: /nonexistent")
