@@ -22,7 +22,7 @@ import logging
 import stat as _stat
 import struct
 import zlib
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -326,36 +326,54 @@ class _Core:
     def items(
         self, root: int, lo: tuple[int, int, int], hi: tuple[int, int, int]
     ) -> Iterator[tuple[tuple[int, int, int], bytes]]:
-        """Every ``(key, data)`` of the tree at *root* with ``lo <= key <= hi``, in key order."""
-        yield from self._items(root, lo, hi, 0)
+        """Every ``(key, data)`` of the tree at *root* with ``lo <= key <= hi``, in key order.
 
-    def _items(
-        self, address: int, lo: tuple[int, int, int], hi: tuple[int, int, int], depth: int
-    ) -> Iterator[tuple[tuple[int, int, int], bytes]]:
-        if depth > 8:
-            raise _Corrupt("tree deeper than 8 levels")
-        node = self.node(address)
-        keys = node.keys
-        if node.level:
-            # The child at i holds keys in [keys[i], keys[i+1]).
-            start = max(bisect_right(keys, lo) - 1, 0)
-            for i in range(start, len(keys)):
+        Iterative (the path from the root is a list): a recursive generator passed every item
+        up through each level, a fifth of the time of a conversion of small files.
+        """
+        path: list[tuple[_Node, int]] = []  # internal nodes above, and the child taken in each
+        node: _Node | None = self.node(root)
+        while True:
+            # Down to the leaf that may hold lo (in a subtree right of lo: the leftmost).
+            while node is not None and node.level:
+                if len(path) >= 8:
+                    raise _Corrupt("tree deeper than 8 levels")
+                keys = node.keys
+                # The child at i holds keys in [keys[i], keys[i+1]).
+                i = max(bisect_right(keys, lo) - 1, 0)
+                if i >= len(keys):
+                    node = None  # an empty node: nothing below it
+                    break
                 if keys[i] > hi:
                     return
+                path.append((node, i))
                 child = node.refs[i]
                 assert isinstance(child, int)
-                yield from self._items(child, lo, hi, depth + 1)
-            return
-        start = bisect_right(keys, lo) - 1
-        if start < 0 or keys[start] < lo:
-            start += 1
-        for i in range(start, len(keys)):
-            key = keys[i]
-            if key > hi:
+                node = self.node(child)
+            if node is not None:
+                keys = node.keys
+                raw = node.raw
+                for j in range(bisect_left(keys, lo), len(keys)):
+                    key = keys[j]
+                    if key > hi:
+                        return
+                    span = node.refs[j]
+                    assert isinstance(span, tuple)
+                    yield key, raw[span[0] : span[0] + span[1]]
+            # On to the next subtree to the right.
+            while path:
+                parent, i = path.pop()
+                i += 1
+                if i < len(parent.keys):
+                    if parent.keys[i] > hi:
+                        return
+                    path.append((parent, i))
+                    child = parent.refs[i]
+                    assert isinstance(child, int)
+                    node = self.node(child)
+                    break
+            else:
                 return
-            span = node.refs[i]
-            assert isinstance(span, tuple)
-            yield key, node.raw[span[0] : span[0] + span[1]]
 
     def first(self, root: int, objectid: int, typ: int) -> tuple[tuple[int, int, int], bytes]:
         for item in self.items(root, (objectid, typ, 0), (objectid, typ, _MAX64)):
