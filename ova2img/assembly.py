@@ -44,7 +44,7 @@ class TreeItem:
     def read_content(self) -> bytes | None:
         """A regular file's whole content in one call, or ``None``: use :meth:`open` (see
         :meth:`Filesystem.read_content`)."""
-        return self.fs.read_content(self.handle, self.entry.size)
+        return self.fs.read_content(self.handle)
 
     def data_runs(self) -> list[DataRun] | None:
         """Data stretches of a regular file (``None``: treat as dense)."""

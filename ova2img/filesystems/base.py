@@ -135,10 +135,10 @@ class Filesystem(ABC):
     def open(self, handle: object) -> BinaryIO:
         """A seekable stream over the content of a regular file."""
 
-    def read_content(self, handle: object, size: int) -> bytes | None:
-        """The whole content of a regular file of *size* bytes, read in one call, when the
-        adapter has a quicker way than :meth:`open` (a file in one extent); ``None`` when it
-        has not, and the caller opens the file. Either way the bytes are the same."""
+    def read_content(self, handle: object) -> bytes | None:
+        """The whole content of a regular file, read in one call, when the adapter has a
+        quicker way than :meth:`open` (a file in one extent); ``None`` when it has not, and
+        the caller opens the file. Either way the bytes are the same."""
         return None
 
     def data_runs(self, handle: object) -> list[DataRun] | None:
@@ -213,6 +213,11 @@ def _lookup(fs: Filesystem, path: bytes, *, follow: bool) -> object:
             continue
         stack.append(child)
     return stack[-1]
+
+
+def inode_label(inum: int) -> str:
+    """How an error names an inode of a filesystem whose handles are inode numbers."""
+    return f"inode {inum}"
 
 
 def decode_guarded(

@@ -852,7 +852,7 @@ class BtrfsFilesystem(Filesystem):
         """A seekable stream over the content of a regular file (or a symlink's target)."""
         return self._on_handle(self._open, handle)
 
-    def read_content(self, handle: object, size: int) -> bytes | None:
+    def read_content(self, handle: object) -> bytes | None:
         """A regular file's content straight from its extents, without a stream object."""
         return self._on_handle(self._read_content, handle)
 

@@ -28,7 +28,7 @@ from dissect.util.stream import AlignedStream
 from ..errors import FilesystemError, Ova2imgError, UnsupportedError
 from ._posix_acl import AclFormatError, ext_acl_to_xattr
 from ._runlist import RunlistReader
-from .base import DECODE_ERRORS, DataRun, Entry, EntryType, Filesystem, decode_guarded
+from .base import DECODE_ERRORS, DataRun, Entry, EntryType, Filesystem, decode_guarded, inode_label
 
 __all__ = ["ExtFilesystem"]
 
@@ -101,10 +101,6 @@ class _Corrupt(Exception):  # noqa: N818 - internal, always re-raised as Filesys
 
 #: what decoding damaged structures raises, here or in dissect: a FilesystemError at the API
 _DECODE_ERRORS = (_Corrupt, DissectExtError, AclFormatError, *DECODE_ERRORS)
-
-
-def _inode_label(inum: int) -> str:
-    return f"inode {inum}"
 
 
 def _by_logical(extent: _Extent) -> int:
@@ -421,7 +417,7 @@ class ExtFilesystem(Filesystem):
         """A seekable stream over the content of a regular file (or directory, symlink)."""
         return self._on_inode(self._open, handle)
 
-    def read_content(self, handle: object, size: int) -> bytes | None:
+    def read_content(self, handle: object) -> bytes | None:
         """A regular file in one written extent from block 0 (most files): its content with
         one read of the volume, without a stream object (a quarter of the per-file cost of
         reading a small file)."""
@@ -445,7 +441,7 @@ class ExtFilesystem(Filesystem):
         """``func(inode number)``, a decoding failure raised as :class:`FilesystemError`
         naming the inode."""
         inum = handle if type(handle) is int else self._inum(handle)
-        return decode_guarded(func, inum, _DECODE_ERRORS, _inode_label, self._name)
+        return decode_guarded(func, inum, _DECODE_ERRORS, inode_label, self._name)
 
     def _wrap(self, func: Callable[[], _T], context: str) -> _T:
         try:

@@ -30,7 +30,7 @@ from dissect.xfs.exceptions import Error as DissectXfsError
 from ..errors import FilesystemError, Ova2imgError, UnsupportedError
 from ._posix_acl import ACL_GROUP, ACL_UNDEFINED_ID, ACL_USER, AclFormatError, xattr_acl
 from ._runlist import RunlistReader
-from .base import DECODE_ERRORS, DataRun, Entry, EntryType, Filesystem, decode_guarded
+from .base import DECODE_ERRORS, DataRun, Entry, EntryType, Filesystem, decode_guarded, inode_label
 
 __all__ = ["XfsFilesystem"]
 
@@ -125,10 +125,6 @@ class _Corrupt(Exception):  # noqa: N818 - internal, always re-raised as Filesys
 
 #: what decoding damaged structures raises, here or in dissect: a FilesystemError at the API
 _DECODE_ERRORS = (_Corrupt, DissectXfsError, AclFormatError, *DECODE_ERRORS)
-
-
-def _inode_label(inum: int) -> str:
-    return f"inode {inum}"
 
 
 @dataclass(slots=True)
@@ -415,7 +411,7 @@ class XfsFilesystem(Filesystem):
         """A seekable stream over the content of a regular file; unwritten extents are zeros."""
         return self._on_inode(self._open, handle)
 
-    def read_content(self, handle: object, size: int) -> bytes | None:
+    def read_content(self, handle: object) -> bytes | None:
         """A regular file in one written extent from block 0 (most files): its content with
         one read of the volume, without a stream object."""
         return self._on_inode(self._read_content, handle)
@@ -439,7 +435,7 @@ class XfsFilesystem(Filesystem):
         """``func(inode number)``, a decoding failure raised as :class:`FilesystemError`
         naming the inode."""
         inum = handle if type(handle) is int else self._inum(handle)
-        return decode_guarded(func, inum, _DECODE_ERRORS, _inode_label, self._name)
+        return decode_guarded(func, inum, _DECODE_ERRORS, inode_label, self._name)
 
     def _wrap(self, func: Callable[[], _T], context: str) -> _T:
         try:
