@@ -136,9 +136,11 @@ class Filesystem(ABC):
         """A seekable stream over the content of a regular file."""
 
     def read_content(self, handle: object) -> bytes | None:
-        """The whole content of a regular file, read in one call, when the adapter has a
-        quicker way than :meth:`open` (a file in one extent); ``None`` when it has not, and
-        the caller opens the file. Either way the bytes are the same."""
+        """The whole content of a regular file without holes, read in one call, when the
+        adapter has a quicker way than :meth:`open` (a file in one extent); ``None`` when it
+        has not, and the caller opens the file. Either way the bytes are the same. A file
+        with holes or preallocated stretches always gets ``None``: content returned here is
+        dense, and the caller need not ask for its :meth:`data_runs`."""
         return None
 
     def data_runs(self, handle: object) -> list[DataRun] | None:

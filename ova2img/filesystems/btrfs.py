@@ -853,7 +853,8 @@ class BtrfsFilesystem(Filesystem):
         return self._on_handle(self._open, handle)
 
     def read_content(self, handle: object) -> bytes | None:
-        """A regular file's content straight from its extents, without a stream object."""
+        """A regular file without holes: its content straight from its extents, without a
+        stream object."""
         return self._on_handle(self._read_content, handle)
 
     def data_runs(self, handle: object) -> list[DataRun] | None:
@@ -981,6 +982,15 @@ class BtrfsFilesystem(Filesystem):
             return None
         size = ino.size
         extents = core.extents(h.tree, h.ino)
+        pos = 0
+        for ext in extents:
+            if pos >= size:
+                break
+            if ext.kind == "zero" or ext.file_offset > pos:
+                return None  # a hole or a preallocated stretch: a sparse member, maybe
+            pos = max(pos, ext.file_offset + ext.length)
+        if pos < size:
+            return None  # ends in a hole
         return _read_extents(core, extents, [e.file_offset for e in extents], size, 0, size)
 
     def _data_runs(self, h: BtrfsHandle) -> list[DataRun] | None:

@@ -365,6 +365,19 @@ class TarWriter:
 
     def _file(self, item: TreeItem, name: bytes) -> None:
         size = item.entry.size
+        if 0 < size <= CHUNK and not self._measure_only:
+            # Most files: one read, without a stream, and without asking for the data runs: an
+            # adapter returns the content only for a file without holes (a plain member).
+            content = item.read_content()
+            if content is not None and len(content) == size:
+                self._member(item, name, _REGTYPE, size=size)
+                self._write(content)
+                self._write(bytes(-size % BLOCK))
+                self.stats.data_bytes += size
+                if self._on_progress is not None:
+                    self._on_progress(self.stats.data_bytes)
+                self.stats.files += 1
+                return
         runs = item.data_runs() if size else None
         if runs is not None and not (len(runs) == 1 and runs[0] == (0, size)):
             runs = _normalise_runs(runs, size)
@@ -410,7 +423,6 @@ class TarWriter:
         """Copy the data of *runs* (``None``: the whole file) from the item's stream, back to
         back (no padding); with *dense_size*, zeros fill the holes before, between and after
         the runs up to it."""
-        whole = runs is None
         if runs is None:
             runs = [(0, item.entry.size)]
         if self._measure_only:
@@ -421,14 +433,6 @@ class TarWriter:
             self.stats.data_bytes += total
             return
         done = 0  # file offset written so far (dense_size only)
-        if whole and item.entry.size <= CHUNK:  # most files: one read, without a stream
-            content = item.read_content()
-            if content is not None and len(content) == item.entry.size:
-                self._write(content)
-                self.stats.data_bytes += len(content)
-                if self._on_progress is not None:
-                    self._on_progress(self.stats.data_bytes)
-                return
         with item.open() as stream:
             for offset, length in runs:
                 if dense_size is not None:
