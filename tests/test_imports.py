@@ -7,6 +7,9 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+
+DEMO = Path(__file__).resolve().parent.parent / "fixtures" / "demo.ova"
 
 
 def _run(code: str) -> str:
@@ -82,3 +85,20 @@ def test_packages_imported_before_ova2img_are_left_alone() -> None:
         """
     )
     assert out.split() == ["True", "False"]
+
+
+def test_an_ova_conversion_loads_no_datastore_vmx_or_spool_code(tmp_path: Path) -> None:
+    # sources.vmfs (with uuid and platform), sources.vmx and sources.spool are for other
+    # kinds of source: an OVA does not pay for importing them.
+    out = _run(
+        f"""
+        import sys
+        from ova2img.cli import main
+        main(["convert", {str(DEMO)!r}, "-o", {str(tmp_path / "out.tar")!r}, "-q"])
+        print(sorted(m for m in sys.modules if m.startswith("ova2img.sources.")))
+        """
+    )
+    loaded = eval(out.splitlines()[-1])
+    assert "ova2img.sources.ova" in loaded
+    for other in ("ova2img.sources.vmfs", "ova2img.sources.vmx", "ova2img.sources.spool"):
+        assert other not in loaded
