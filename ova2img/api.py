@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -32,7 +33,7 @@ from .assembly import (
 from .disks import VirtualDisk, open_disk
 from .errors import AssemblyError, Ova2imgError, UnsupportedError, UsageError
 from .filesystems import EntryType, open_filesystem, probe
-from .sources import Source, open_source
+from .sources import Source, manifest, open_source
 from .volumes import Volume, find_volumes
 from .volumes.lvm import assemble_lvm
 
@@ -311,6 +312,13 @@ class Guest:
         self.close()
 
 
+def _import_usual_decoders() -> None:
+    """Import what most OVAs need next (a VMDK disk, ext filesystems): about 60 ms of
+    start-up that hides behind the manifest's hashing (see :data:`manifest.COMPANION`)."""
+    importlib.import_module("ova2img.disks.vmdk")
+    importlib.import_module("ova2img.filesystems.ext")
+
+
 def _as_list(source: PathLike | Sequence[PathLike]) -> list[str]:
     if isinstance(source, str | os.PathLike):
         return [os.fspath(source)]
@@ -341,9 +349,14 @@ def open(
     Raises:
         Ova2imgError: the image cannot be read; the message says what and where.
     """
-    src = open_source(
-        _as_list(source), verify_manifest=verify_manifest, allow_external=allow_external
-    )
+    # While a long manifest check hashes, a second thread imports the usual decoders.
+    token = manifest.COMPANION.set(_import_usual_decoders)
+    try:
+        src = open_source(
+            _as_list(source), verify_manifest=verify_manifest, allow_external=allow_external
+        )
+    finally:
+        manifest.COMPANION.reset(token)
     try:
         disks = [open_disk(d, i) for i, d in enumerate(src.disks)]
         volumes: list[Volume] = []

@@ -10,20 +10,40 @@ need a coverage map and a final pass over whatever was never read; one sequentia
 file that is about to be read anyway is simpler, and it reads each byte once from the page
 cache (see ``benchmarks/bench_disks.py``: SHA256 runs at about the speed of a page-cached read).
 From stdin the digests are computed while the archive is spooled, which is sequential.
+
+While a long check runs (:data:`COMPANION_MIN_BYTES` or more to hash), the caller may have
+other work done in a second thread: :data:`COMPANION`, set by the API layer, imports the
+decoders the conversion is about to need. Hashing and reading release the GIL, so the two
+overlap on two cores; the thread ends before the check returns, so nothing is decoded before
+the digests are verified, and no thread is left running.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import re
+import threading
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import BinaryIO
 
 from ..errors import SourceError
 
 MAX_MANIFEST_SIZE = 1024 * 1024
-CHUNK = 1024 * 1024
+#: bytes hashed per call: the GIL is taken between calls, so a large chunk keeps the hash
+#: going while the companion thread runs Python code
+CHUNK = 8 * 1024 * 1024
+#: work for a second thread while the digests are computed (best effort: its errors are
+#: ignored), or ``None``
+COMPANION: ContextVar[Callable[[], object] | None] = ContextVar(
+    "ova2img_manifest_companion", default=None
+)
+#: the companion runs only when the check hashes at least this much (else it would add its
+#: own time to a short check instead of hiding it)
+COMPANION_MIN_BYTES = 32 * 1024 * 1024
 ALGORITHMS = {"SHA1": "sha1", "SHA256": "sha256", "SHA512": "sha512"}
 _LINE_RE = re.compile(
     r"^(?P<algo>SHA1|SHA256|SHA512)\s*\((?P<name>.+)\)\s*=\s*(?P<digest>[0-9A-Fa-f]+)\s*$"
@@ -101,13 +121,41 @@ def verify_manifest(
         SourceError: a listed file is missing, or its digest differs (naming the file, the
             expected and the actual digest).
     """
-    for d in digests:
-        fh = open_file(d.name)
-        try:
-            actual = hash_stream(fh, d.algorithm)
-        finally:
-            fh.close()
-        check_digest(d, actual, label)
+    companion: threading.Thread | None = None
+    try:
+        for d in digests:
+            fh = open_file(d.name)
+            try:
+                if companion is None:
+                    companion = _start_companion(fh)
+                actual = hash_stream(fh, d.algorithm)
+            finally:
+                fh.close()
+            check_digest(d, actual, label)
+    finally:
+        if companion is not None:
+            companion.join()
+
+
+def _start_companion(fh: BinaryIO) -> threading.Thread | None:
+    """Start :data:`COMPANION` in a thread when it is set and *fh* is long enough."""
+    work = COMPANION.get()
+    if work is None:
+        return None
+    try:
+        size = fh.seek(0, os.SEEK_END)
+    except OSError:
+        return None
+    if size < COMPANION_MIN_BYTES:
+        return None
+
+    def run() -> None:
+        with contextlib.suppress(Exception):
+            work()
+
+    thread = threading.Thread(target=run, name="ova2img-manifest-companion", daemon=True)
+    thread.start()
+    return thread
 
 
 def check_digest(d: Digest, actual: str, label: str) -> None:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from test_ova_ovf import build_appliance, raw_disks, tar_ova
 
 from ova2img.errors import SourceError
-from ova2img.sources import open_source
+from ova2img.sources import manifest, open_source
 from ova2img.sources.manifest import parse_manifest
 
 __all__ = ["raw_disks"]  # the module-scoped fixture, re-exported for this module
@@ -78,3 +80,40 @@ def test_manifest_absent_and_listed_file_missing(raw_disks: list[Path], tmp_path
 def test_malformed_manifest(text: str, match: str) -> None:
     with pytest.raises(SourceError, match=match):
         parse_manifest(text.encode(), "app.mf")
+
+
+def test_companion_runs_beside_a_long_check_and_ends_before_it(
+    raw_disks: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The API layer has the decoders imported in a second thread while the digests are
+    # computed: the thread has ended when the check returns (nothing decoded before it, no
+    # thread left for the fork), its errors are its own, and a short check does without it.
+    _, names = build_appliance(tmp_path, raw_disks, "ovftool")
+    write_manifest(tmp_path, ["app.ovf", *names], "SHA256", "ovftool")
+    ova = tar_ova(tmp_path, ["app.ovf", "app.mf", *names], tmp_path / "app.ova")
+    ran: list[str] = []
+
+    def slow() -> None:
+        time.sleep(0.2)
+        ran.append(threading.current_thread().name)
+        raise RuntimeError("ignored")
+
+    token = manifest.COMPANION.set(slow)
+    try:
+        with open_source([str(ova)]) as src:  # the disks are smaller than the threshold
+            assert src.manifest == "verified"
+        assert ran == []
+        monkeypatch.setattr(manifest, "COMPANION_MIN_BYTES", 1)
+        with open_source([str(ova)]) as src:
+            assert src.manifest == "verified"
+            assert ran == ["ova2img-manifest-companion"]
+        assert not any(t.name == "ova2img-manifest-companion" for t in threading.enumerate())
+        with (tmp_path / names[0]).open("r+b") as f:  # a mismatch: raised, thread joined
+            f.seek(100)
+            f.write(b"\xff")
+        ova = tar_ova(tmp_path, ["app.ovf", "app.mf", *names], tmp_path / "bad.ova")
+        with pytest.raises(SourceError, match="digest mismatch"):
+            open_source([str(ova)])
+        assert ran == ["ova2img-manifest-companion"] * 2
+    finally:
+        manifest.COMPANION.reset(token)
