@@ -47,10 +47,12 @@ class EntryType(enum.Enum):
     @classmethod
     def from_mode(cls, mode: int) -> EntryType | None:
         """Map an ``st_mode``-style value to a type, or ``None`` for an invalid ``S_IFMT``."""
-        return _IFMT.get(stat.S_IFMT(mode))
+        return ENTRY_TYPES.get(stat.S_IFMT(mode))
 
 
-_IFMT = {
+#: the ``S_IFMT`` bits of a mode -> its entry type (what :meth:`EntryType.from_mode` looks up;
+#: adapters that make an entry for every path look it up directly)
+ENTRY_TYPES = {
     stat.S_IFREG: EntryType.FILE,
     stat.S_IFDIR: EntryType.DIR,
     stat.S_IFLNK: EntryType.SYMLINK,

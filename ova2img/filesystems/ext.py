@@ -28,7 +28,16 @@ from dissect.util.stream import AlignedStream
 from ..errors import FilesystemError, Ova2imgError, UnsupportedError
 from ._posix_acl import AclFormatError, ext_acl_to_xattr
 from ._runlist import RunlistReader
-from .base import DECODE_ERRORS, DataRun, Entry, EntryType, Filesystem, decode_guarded, inode_label
+from .base import (
+    DECODE_ERRORS,
+    ENTRY_TYPES,
+    DataRun,
+    Entry,
+    EntryType,
+    Filesystem,
+    decode_guarded,
+    inode_label,
+)
 
 __all__ = ["ExtFilesystem"]
 
@@ -64,6 +73,7 @@ _INLINE_DATA_FL = 0x10000000
 _EXTENT_MAGIC = 0xF30A
 _EXTENT_INIT_MAX_LEN = 1 << 15
 _XATTR_MAGIC = 0xEA020000
+_XATTR_MAGIC_BYTES = struct.pack("<I", _XATTR_MAGIC)
 _INLINE_DATA_SIZE = 60  # EXT4_MIN_INLINE_DATA_SIZE: the i_block array
 _JBD2_MAGIC = 0xC03B3998  # JBD2_MAGIC_NUMBER (include/linux/jbd2.h)
 
@@ -127,6 +137,7 @@ class _Inode:
         "file_acl",
         "flags",
         "gid",
+        "has_ibody_xattrs",
         "i_block",
         "i_blocks",
         "inum",
@@ -143,6 +154,7 @@ class _Inode:
     file_acl: int
     flags: int
     gid: int
+    has_ibody_xattrs: bool
     i_block: bytes
     i_blocks: int
     inum: int
@@ -212,6 +224,9 @@ class _Inode:
             if extra_isize & 3 or _GOOD_OLD_INODE_SIZE + extra_isize > len(raw):
                 raise _Corrupt(f"i_extra_isize {extra_isize} does not fit a {len(raw)}-byte inode")
         self.extra_end = _GOOD_OLD_INODE_SIZE + extra_isize
+        end = self.extra_end
+        # ext4_xattr_ibody_header: the in-inode xattr area starts with a magic
+        self.has_ibody_xattrs = end + 4 <= len(raw) and raw[end : end + 4] == _XATTR_MAGIC_BYTES
         if extra_isize >= 16:  # the usual 256-byte inode: all three extra fields at once
             c_extra, m_extra, a_extra = _EXTRA_TIMES.unpack_from(raw, 132)
             self.ctime_ns = (ctime + ((c_extra & 3) << 32)) * 1_000_000_000 + (c_extra >> 2)
@@ -535,21 +550,27 @@ class ExtFilesystem(Filesystem):
 
     def _stat(self, inum: int) -> Entry:
         ino = self._inode(inum)
-        etype = EntryType.from_mode(ino.mode)
+        mode = ino.mode
+        etype = ENTRY_TYPES.get(mode & 0o170000)
         if etype is None:
-            raise _Corrupt(f"invalid file type in mode {ino.mode:#o}")
+            raise _Corrupt(f"invalid file type in mode {mode:#o}")
+        # (positional: the order of Entry's fields; a walk makes one per path)
         entry = Entry(
-            type=etype,
-            mode=ino.mode & 0o7777,
-            uid=ino.uid,
-            gid=ino.gid,
-            size=ino.size,
-            mtime_ns=ino.mtime_ns,
-            atime_ns=ino.atime_ns,
-            ctime_ns=ino.ctime_ns,
-            nlink=ino.nlink,
-            inode=inum,
+            etype,
+            mode & 0o7777,
+            ino.uid,
+            ino.gid,
+            ino.size,
+            ino.mtime_ns,
+            ino.atime_ns,
+            ino.ctime_ns,
+            ino.nlink,
+            inum,
         )
+        if ino.file_acl or ino.has_ibody_xattrs:
+            entry.xattrs = self._xattrs(ino)[0]
+        if etype is EntryType.FILE or etype is EntryType.DIR:
+            return entry
         if etype is EntryType.CHAR or etype is EntryType.BLOCK:
             # ext4_iget → init_special_inode: old_decode_dev(i_block[0]) when non-zero, else
             # new_decode_dev(i_block[1]).
@@ -561,7 +582,6 @@ class ExtFilesystem(Filesystem):
                 entry.rdev_minor = (new & 0xFF) | ((new >> 12) & 0xFFF00)
         elif etype is EntryType.SYMLINK:
             entry.link_target = self._symlink_target(ino)
-        entry.xattrs = self._xattrs(ino)[0]
         return entry
 
     def _is_fast_symlink(self, ino: _Inode) -> bool:

@@ -30,7 +30,16 @@ from dissect.xfs.exceptions import Error as DissectXfsError
 from ..errors import FilesystemError, Ova2imgError, UnsupportedError
 from ._posix_acl import ACL_GROUP, ACL_UNDEFINED_ID, ACL_USER, AclFormatError, xattr_acl
 from ._runlist import RunlistReader
-from .base import DECODE_ERRORS, DataRun, Entry, EntryType, Filesystem, decode_guarded, inode_label
+from .base import (
+    DECODE_ERRORS,
+    ENTRY_TYPES,
+    DataRun,
+    Entry,
+    EntryType,
+    Filesystem,
+    decode_guarded,
+    inode_label,
+)
 
 __all__ = ["XfsFilesystem"]
 
@@ -575,20 +584,22 @@ class XfsFilesystem(Filesystem):
 
     def _stat(self, inum: int) -> Entry:
         ino = self._inode(inum)
-        etype = EntryType.from_mode(ino.mode)
+        mode = ino.mode
+        etype = ENTRY_TYPES.get(mode & 0o170000)
         if etype is None:
-            raise _Corrupt(f"invalid file type in mode {ino.mode:#o}")
+            raise _Corrupt(f"invalid file type in mode {mode:#o}")
+        # (positional: the order of Entry's fields; a walk makes one per path)
         entry = Entry(
-            type=etype,
-            mode=ino.mode & 0o7777,
-            uid=ino.uid,
-            gid=ino.gid,
-            size=ino.size,
-            mtime_ns=ino.mtime_ns,
-            atime_ns=ino.atime_ns,
-            ctime_ns=ino.ctime_ns,
-            nlink=ino.nlink,
-            inode=inum,
+            etype,
+            mode & 0o7777,
+            ino.uid,
+            ino.gid,
+            ino.size,
+            ino.mtime_ns,
+            ino.atime_ns,
+            ino.ctime_ns,
+            ino.nlink,
+            inum,
         )
         if etype in (EntryType.CHAR, EntryType.BLOCK, EntryType.FIFO, EntryType.SOCKET):
             if etype in (EntryType.CHAR, EntryType.BLOCK):
