@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from .assembly import TreeItem
 from .filesystems.base import EntryType
+from .sinks.tar import HARDLINKED_TYPES
 
 if TYPE_CHECKING:
     from .api import Guest
@@ -241,7 +242,7 @@ class Preflight:
         if any(p.startswith(b".wh.") for p in path.split(b"/")):
             r.whiteouts.add(path)
         self._pax(item)
-        if e.type is not EntryType.DIR and e.nlink > 1:
+        if e.nlink > 1 and e.type in HARDLINKED_TYPES:
             self._link(item)
         if self._sparse and e.type is EntryType.FILE and e.size >= _BLOCK:
             runs = item.data_runs()

@@ -246,7 +246,7 @@ class TarWriter:
         first name of a hardlinked inode) advances exactly as :meth:`add` would advance it;
         nothing is read, written or counted."""
         entry = item.entry
-        if entry.nlink < 2 or entry.type is EntryType.DIR or entry.type is EntryType.SOCKET:
+        if entry.nlink < 2 or entry.type not in HARDLINKED_TYPES:
             return
         path = item.path
         if b"\0" in path:
@@ -333,7 +333,7 @@ class TarWriter:
             )
 
         # Hardlinks: the first path of an inode carries the data, later ones link to it.
-        if not is_dir and entry.nlink > 1:
+        if entry.nlink > 1 and entry.type in HARDLINKED_TYPES:
             key = item.link_key
             seen = self._links.get(key)
             if seen is not None:
@@ -683,6 +683,11 @@ def _pax_record(keyword: bytes, value: bytes) -> bytes:
     return str(length).encode() + body
 
 
+#: what GNU tar (1.34, create.c) writes as hardlink members when an inode has several names:
+#: regular files and symlinks. A FIFO or a device node linked twice is written whole under
+#: each name, as `tar -c` on a mounted filesystem does.
+HARDLINKED_TYPES = frozenset({EntryType.FILE, EntryType.SYMLINK})
+
 _MAX8 = 8**7  # the first value an 8-byte octal field cannot hold
 _MAX12 = 8**11
 _ZERO8 = b"0000000\0"
@@ -739,6 +744,7 @@ def _byte_sum(header: bytearray, adler32: Callable[[bytes | bytearray], int] = z
 __all__ = [
     "BLOCK",
     "FAILED_NAME",
+    "HARDLINKED_TYPES",
     "RECORD",
     "TarStats",
     "TarWriter",

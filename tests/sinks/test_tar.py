@@ -710,3 +710,27 @@ def test_nul_in_path_is_refused() -> None:
     item = TreeItem(b"a\0b", entry(EntryType.FILE, 0o644), fs, 1, 0)
     with pytest.raises(SinkError, match="NUL"):
         build([item])
+
+
+def test_only_files_and_symlinks_become_hardlink_members() -> None:
+    # GNU tar 1.34 (create.c) links the later names of a regular file or a symlink to the
+    # first; a FIFO or a device node with several names is written whole under each.
+    fs = FakeFS(entry(EntryType.DIR, 0o755))
+    for kind, extra in (
+        (EntryType.FILE, {}),
+        (EntryType.SYMLINK, {"link_target": b"t"}),
+        (EntryType.FIFO, {}),
+        (EntryType.CHAR, {"rdev_major": 1, "rdev_minor": 3}),
+        (EntryType.BLOCK, {"rdev_major": 8, "rdev_minor": 1}),
+    ):
+        e = entry(kind, 0o644, nlink=2, inode=100 + len(fs.nodes), **extra)
+        handle = fs.add(kind.value.encode() + b"-a", e)
+        fs.link(kind.value.encode() + b"-b", handle)
+    data, stats = build(fs.walk())
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        links = {m.name: m.linkname for m in tf.getmembers() if m.islnk()}
+        kinds = {m.name: m.type for m in tf.getmembers()}
+    assert links == {"./file-b": "./file-a", "./symlink-b": "./symlink-a"}
+    assert kinds["./fifo-b"] == tarfile.FIFOTYPE and kinds["./char-b"] == tarfile.CHRTYPE
+    assert kinds["./block-b"] == tarfile.BLKTYPE
+    assert stats.hardlinks == 2  # type: ignore[attr-defined]

@@ -187,6 +187,12 @@ def populate_probes(
     os.mknod(p / "block-8-1", stat.S_IFBLK | 0o660, os.makedev(8, 1))
     # mknod(2) can make a socket inode without bind(2), so no 108-byte sun_path limit.
     os.mknod(p / "socket", stat.S_IFSOCK | 0o755)
+    # Second names of a FIFO, a device and a symlink: GNU tar writes the first two whole
+    # under each name and the symlink's second name as a hardlink member.
+    os.link(p / "fifo", p / "fifo-link")
+    os.link(p / "char-1-3", p / "char-1-3-link")
+    os.symlink("hardlink-a", p / "symlink-linked")
+    os.link(p / "symlink-linked", p / "symlink-linked-2", follow_symlinks=False)
 
     sparse = p / "sparse"
     with sparse.open("wb") as f:
