@@ -754,7 +754,14 @@ def _list_children(
             f"directory loop: /{shown} is its own ancestor (inode {entry.inode} on {g.name})"
         )
     children: dict[bytes, object] = {}
-    for name, child in g.fs.iterdir(handle):
+    try:
+        listing = list(g.fs.iterdir(handle))
+    except FilesystemError as exc:
+        if exc.message.startswith("/"):
+            raise
+        # name the path: the adapter knows the directory only by its inode
+        raise type(exc)(f"/{shown}: {exc.message}", offset=exc.offset, obj=exc.obj) from exc
+    for name, child in listing:
         if _bad_name(name):
             err = FilesystemError(
                 f"directory /{shown} (inode {entry.inode} on {g.name}) has an invalid entry "

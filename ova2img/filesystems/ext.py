@@ -69,6 +69,7 @@ _INDEX_FL = 0x1000
 _HUGE_FILE_FL = 0x40000
 _EXTENTS_FL = 0x80000
 _INLINE_DATA_FL = 0x10000000
+_ENCRYPT_FL = 0x800  # EXT4_ENCRYPT_FL: fscrypt; names and contents are ciphertext
 
 _EXTENT_MAGIC = 0xF30A
 _EXTENT_INIT_MAX_LEN = 1 << 15
@@ -836,6 +837,15 @@ class ExtFilesystem(Filesystem):
         ino = self._inode(inum)
         if ino.mode & 0o170000 != _stat.S_IFDIR:
             raise _Corrupt(f"not a directory (mode {ino.mode:#o})")
+        if ino.flags & _ENCRYPT_FL:
+            # fscrypt: the kernel without the key shows encoded names and refuses to read
+            # the files (ENOKEY); ciphertext must never pass for the guest's files.
+            raise FilesystemError(
+                f"inode {inum} is an encrypted directory (ext4 encryption, fscrypt): its "
+                "names and files cannot be read without its key (--exclude it, or --lenient "
+                "leaves it out)",
+                obj=self._name,
+            )
         out: list[tuple[bytes, object]] = []
         if ino.flags & _INLINE_DATA_FL:
             # fs/ext4/inline.c: i_block starts with the parent's inode number (no "." or ".."
@@ -896,9 +906,10 @@ class ExtFilesystem(Filesystem):
 
         jinum = int(self._sb.s_journal_inum)
         if not jinum:
-            raise FilesystemError(
+            raise UnsupportedError(
                 "needs journal recovery from an external journal device, which is not "
-                "available; pass ignore_journal=True to read it as it is",
+                "part of the image (booting the VM once, or e2fsck with the journal device, "
+                "recovers it)",
                 obj=self._name,
             )
         jino = self._inode(jinum)
@@ -926,9 +937,10 @@ class ExtFilesystem(Filesystem):
         if j_bs != bs or maxlen * bs > jino.size or first == 0 or first >= maxlen:
             raise _Corrupt(f"journal geometry: block size {j_bs}, {maxlen} blocks, first {first}")
         if fincompat & 0x20:  # JBD2_FEATURE_INCOMPAT_FAST_COMMIT
-            raise FilesystemError(
-                "needs journal recovery with fast commits, which is not implemented; pass "
-                "ignore_journal=True to read it as it is",
+            raise UnsupportedError(
+                "needs journal recovery with fast commits (fast_commit), which ova2img "
+                "does not replay (booting the VM once, or e2fsck on a raw copy of the "
+                "volume, recovers it)",
                 obj=self._name,
             )
         if start == 0:

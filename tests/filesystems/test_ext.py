@@ -16,6 +16,7 @@ import re
 import shutil
 import stat
 import subprocess
+import tarfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -718,3 +719,64 @@ def test_acl_from_mke2fs_d_vs_getfattr(tmp_path: Path) -> None:
             out = run("getfattr", "--absolute-names", "-e", "hex", "-n", name, src / path)
             want = bytes.fromhex(out.split(f"{name}=0x")[1].split()[0])
             assert fs.stat(fs.lookup(b"/" + path.encode())).xattrs[name] == want
+
+
+@pytest.mark.root
+def test_encrypted_directory_is_refused_or_left_out(require_root: None, tmp_path: Path) -> None:
+    # fscrypt (mke2fs -O encrypt, e4crypt): the kernel without the key shows encoded names and
+    # refuses to read the files; ova2img must never write the ciphertext as the guest's files.
+    import ova2img
+
+    img = tmp_path / "enc.img"
+    mkfs(img, "-t", "ext4", "-O", "encrypt")
+    with mounted(img, rw=True) as m:
+        (m / "etc").mkdir()
+        (m / "etc" / "fstab").write_text("")
+        (m / "secret").mkdir()
+        proc = subprocess.run(
+            ["e4crypt", "add_key", "-S", "0x1234567812345678", str(m / "secret")],
+            input="a passphrase\n",
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 0, proc.stderr
+        (m / "secret" / "file.txt").write_text("top secret content\n")
+        (m / "secret" / "sub").mkdir()
+        os.symlink("target-name", m / "secret" / "link")
+        (m / "plain").write_text("readable\n")
+    out = tmp_path / "out.tar"
+    with pytest.raises(FilesystemError) as err:
+        ova2img.convert(img, out)
+    assert err.value.message.startswith("/secret: ")
+    assert "encrypted directory (ext4 encryption, fscrypt)" in err.value.message
+    assert not out.exists()
+    result = ova2img.convert(img, out, lenient=True)
+    assert any("/secret" in w and "encrypted" in w for w in result.warnings)
+    with tarfile.open(out) as tf:
+        names = tf.getnames()
+    assert "./plain" in names and "./etc/fstab" in names
+    assert not any(n.startswith("./secret") for n in names)
+
+
+@pytest.mark.root
+def test_pending_fast_commit_journal_is_refused_clearly(require_root: None, tmp_path: Path) -> None:
+    # A copy taken while mounted, after fsync()s that went to the fast-commit area: the
+    # kernel replays it; ova2img does not, and says so without library-level advice.
+    import ova2img
+    from ova2img.errors import UnsupportedError
+
+    img = tmp_path / "fc.img"
+    mkfs(img, "-t", "ext4", "-O", "fast_commit")
+    copy = tmp_path / "copy.img"
+    with mounted(img, rw=True, options="commit=300") as m:
+        run("sync")
+        for i in range(4):
+            with open(m / f"f{i}", "w") as fh:
+                fh.write(f"fast commit {i}\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        shutil.copyfile(img, copy)
+    with pytest.raises(UnsupportedError) as err:
+        ova2img.convert(copy, tmp_path / "out.tar", use_fstab=False)
+    message = str(err.value)
+    assert "fast commits" in message and "ignore_journal" not in message
