@@ -28,6 +28,7 @@ from .assembly import (
     apply_fstab,
     choose_root,
     resolve_in_mounts,
+    resolve_path,
     walk_tree,
 )
 from .disks import VirtualDisk, open_disk
@@ -106,30 +107,7 @@ class Guest:
             FileNotFoundError: a component does not exist, or symlinks loop (40 hops, as Linux).
         """
         raw = path.encode("utf-8", "surrogateescape") if isinstance(path, str) else path
-        todo = [p for p in raw.split(b"/") if p and p != b"."]
-        done: list[bytes] = []
-        hops = 0
-        while todo:
-            name = todo.pop(0)
-            if name == b"..":
-                if done:
-                    done.pop()
-                continue
-            candidate = b"/".join([*done, name])
-            mount, handle = self._locate(candidate, raw)
-            entry = mount.fs.stat(handle)
-            if entry.type is EntryType.SYMLINK and (todo or follow):
-                hops += 1
-                if hops > 40:
-                    raise FileNotFoundError(f"{raw.decode(errors='replace')}: too many symlinks")
-                if entry.link_target.startswith(b"/"):
-                    done = []
-                todo = [p for p in entry.link_target.split(b"/") if p and p != b"."] + todo
-                continue
-            if todo and entry.type is not EntryType.DIR:
-                raise FileNotFoundError(f"{raw.decode(errors='replace')}: not a directory")
-            done.append(name)
-        return b"/".join(done)
+        return resolve_path(self.mounts, raw, follow=follow)
 
     def _locate(self, resolved: bytes, asked: bytes) -> tuple[Mount, object]:
         try:

@@ -280,6 +280,26 @@ def _normalise_mountpoint(mountpoint: bytes) -> bytes:
     return b"/" + b"/".join(parts)
 
 
+def _followed(mounts: dict[bytes, Mount], mountpoint: bytes, lineno: int) -> bytes:
+    """Where mount(8) puts a mount whose mount point is, or passes through, a symlink: the
+    kernel resolves the path in the tree mounted so far (fstab order), so ``/home`` ->
+    ``srv/home`` mounts on ``/srv/home`` and ``/home`` stays a symlink. A path that does not
+    resolve stays as it is (the walk warns about a missing mount point)."""
+    try:
+        resolved = b"/" + resolve_path(mounts, mountpoint)
+    except (FileNotFoundError, *_ENTRY_ERRORS):
+        return mountpoint
+    if resolved == mountpoint or resolved == b"/":
+        return mountpoint
+    log.info(
+        "/etc/fstab line %d: mount point %s is a symlink to %s; mounted there, as mount(8) does",
+        lineno,
+        mountpoint.decode(errors="replace"),
+        resolved.decode(errors="replace"),
+    )
+    return resolved
+
+
 def _describe(g: GuestFilesystem) -> str:
     bits = [g.volume.name, g.fs.fstype]
     if g.fs.uuid:
@@ -440,6 +460,7 @@ def apply_fstab(
             # The root's own options choose its view (btrfs subvol=@, …).
             mounts[b"/"] = Mount(b"/", root, root.fs.mount(e.options), 0, e.options)
             continue
+        mountpoint = _followed(mounts, mountpoint, e.lineno)
         if mountpoint in mounts:
             # A later line over the same mount point hides the earlier mount, as mount -a does.
             log.warning(
@@ -786,6 +807,48 @@ def _checked_file(item: TreeItem, report: _Leniency) -> TreeItem:
     checked = _LenientItem(item.path, item.entry, item.fs, item.fs_id, item.handle)
     checked.report = report
     return checked
+
+
+def resolve_path(mounts: dict[bytes, Mount], raw: bytes, *, follow: bool = True) -> bytes:
+    """The canonical form of a guest path: relative to the guest root, without ``.``, ``..``
+    or symlinks, which are followed inside the guest (an absolute target restarts at the guest
+    root, never the host's), across the mount points of *mounts*.
+
+    Args:
+        follow: also follow a symlink in the last component.
+
+    Raises:
+        FileNotFoundError: a component does not exist, or symlinks loop (40 hops, as Linux).
+    """
+    todo = [p for p in raw.split(b"/") if p and p != b"."]
+    done: list[bytes] = []
+    hops = 0
+    while todo:
+        name = todo.pop(0)
+        if name == b"..":
+            if done:
+                done.pop()
+            continue
+        candidate = b"/".join([*done, name])
+        try:
+            mount, handle = resolve_in_mounts(mounts, candidate)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{raw.decode(errors='replace')}: no such file or directory in the guest"
+            ) from None
+        entry = mount.fs.stat(handle)
+        if entry.type is EntryType.SYMLINK and (todo or follow):
+            hops += 1
+            if hops > 40:
+                raise FileNotFoundError(f"{raw.decode(errors='replace')}: too many symlinks")
+            if entry.link_target.startswith(b"/"):
+                done = []
+            todo = [p for p in entry.link_target.split(b"/") if p and p != b"."] + todo
+            continue
+        if todo and entry.type is not EntryType.DIR:
+            raise FileNotFoundError(f"{raw.decode(errors='replace')}: not a directory")
+        done.append(name)
+    return b"/".join(done)
 
 
 def resolve_in_mounts(mounts: dict[bytes, Mount], path: bytes) -> tuple[Mount, object]:
