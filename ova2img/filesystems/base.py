@@ -33,6 +33,16 @@ DECODE_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
+#: an on-disk owner of -1 (``(uid_t)-1``) is no valid id: the kernel maps it to the overflow id
+#: (``make_kuid`` gives ``INVALID_UID``, ``stat`` shows ``/proc/sys/kernel/overflowuid``)
+NO_ID = 0xFFFFFFFF
+OVERFLOW_ID = 65534
+#: nanoseconds in a second. A time whose nanoseconds are out of range (10^9 or more, which an
+#: ext4, XFS or btrfs inode can hold) is taken with none, as GNU tar records it (code_timespec:
+#: "ignore invalid values of ns")
+NS_PER_S = 1_000_000_000
+
+
 class EntryType(enum.Enum):
     """What kind of inode an entry is (the ``S_IFMT`` part of a mode)."""
 

@@ -38,7 +38,17 @@ from dissect.util.stream import AlignedStream
 from .._stream import pread_of
 from ..errors import FilesystemError, Ova2imgError, UnsupportedError
 from ._posix_acl import AclFormatError, xattr_acl
-from .base import DECODE_ERRORS, DataRun, Entry, EntryType, Filesystem, decode_guarded
+from .base import (
+    DECODE_ERRORS,
+    NO_ID,
+    NS_PER_S,
+    OVERFLOW_ID,
+    DataRun,
+    Entry,
+    EntryType,
+    Filesystem,
+    decode_guarded,
+)
 
 __all__ = ["BtrfsFilesystem", "BtrfsHandle"]
 
@@ -469,9 +479,12 @@ class _Core:
                     raise _Corrupt(f"inode item of {len(data)} bytes")
                 f = _INODE.unpack_from(data)
                 size, nlink, uid, gid, mode, rdev = f[2], f[5], f[6], f[7], f[8], f[9]
-                atime_ns = f[12] * 1_000_000_000 + f[13]
-                ctime_ns = f[14] * 1_000_000_000 + f[15]
-                mtime_ns = f[16] * 1_000_000_000 + f[17]
+                if uid == NO_ID or gid == NO_ID:
+                    uid = uid if uid != NO_ID else OVERFLOW_ID
+                    gid = gid if gid != NO_ID else OVERFLOW_ID
+                atime_ns = f[12] * NS_PER_S + (f[13] if f[13] < NS_PER_S else 0)
+                ctime_ns = f[14] * NS_PER_S + (f[15] if f[15] < NS_PER_S else 0)
+                mtime_ns = f[16] * NS_PER_S + (f[17] if f[17] < NS_PER_S else 0)
                 inode = _Inode(mode, uid, gid, size, nlink, rdev, atime_ns, ctime_ns, mtime_ns)
         if inode is None:
             raise _Corrupt("no inode item")

@@ -31,6 +31,9 @@ from ._runlist import RunlistReader
 from .base import (
     DECODE_ERRORS,
     ENTRY_TYPES,
+    NO_ID,
+    NS_PER_S,
+    OVERFLOW_ID,
     DataRun,
     Entry,
     EntryType,
@@ -87,6 +90,8 @@ _XATTR_INDEX_SYSTEM = 7
 
 # struct ext4_inode, first 128 bytes (EXT4_GOOD_OLD_INODE_SIZE). Times are signed 32-bit.
 _INODE = struct.Struct("<HHIiiiIHHIII60sIIIIHHHHHH")
+#: an i_*time_extra field at or above this holds nanoseconds >= 10^9 (30 bits, then 2 epoch bits)
+_EXTRA_NS_LIMIT = 4 * NS_PER_S
 _EXTRA_TIMES = struct.Struct("<III")  # i_ctime_extra, i_mtime_extra, i_atime_extra at 0x84
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -198,8 +203,10 @@ class _Inode:
         self.flags = flags
         self.i_block = i_block
         # osd2 (Linux): the high 16 bits of the owners.
-        self.uid = uid_lo | uid_high << 16
-        self.gid = gid_lo | gid_high << 16
+        uid = uid_lo | uid_high << 16
+        gid = gid_lo | gid_high << 16
+        self.uid = uid if uid != NO_ID else OVERFLOW_ID
+        self.gid = gid if gid != NO_ID else OVERFLOW_ID
         self.nlink = links
         self.file_acl = file_acl_lo | file_acl_high << 32
         # ext4_inode_blocks(): 512-byte units unless huge_file + EXT4_HUGE_FILE_FL (fs blocks).
@@ -229,10 +236,18 @@ class _Inode:
         # ext4_xattr_ibody_header: the in-inode xattr area starts with a magic
         self.has_ibody_xattrs = end + 4 <= len(raw) and raw[end : end + 4] == _XATTR_MAGIC_BYTES
         if extra_isize >= 16:  # the usual 256-byte inode: all three extra fields at once
+            # (an extra field of 4 * 10^9 or more holds out-of-range nanoseconds: none, as
+            # GNU tar records them)
             c_extra, m_extra, a_extra = _EXTRA_TIMES.unpack_from(raw, 132)
-            self.ctime_ns = (ctime + ((c_extra & 3) << 32)) * 1_000_000_000 + (c_extra >> 2)
-            self.mtime_ns = (mtime + ((m_extra & 3) << 32)) * 1_000_000_000 + (m_extra >> 2)
-            self.atime_ns = (atime + ((a_extra & 3) << 32)) * 1_000_000_000 + (a_extra >> 2)
+            self.ctime_ns = (ctime + ((c_extra & 3) << 32)) * NS_PER_S + (
+                c_extra >> 2 if c_extra < _EXTRA_NS_LIMIT else 0
+            )
+            self.mtime_ns = (mtime + ((m_extra & 3) << 32)) * NS_PER_S + (
+                m_extra >> 2 if m_extra < _EXTRA_NS_LIMIT else 0
+            )
+            self.atime_ns = (atime + ((a_extra & 3) << 32)) * NS_PER_S + (
+                a_extra >> 2 if a_extra < _EXTRA_NS_LIMIT else 0
+            )
         else:
             self.ctime_ns = _time_ns(ctime, raw, 132, extra_isize)
             self.mtime_ns = _time_ns(mtime, raw, 136, extra_isize)
@@ -244,7 +259,7 @@ def _time_ns(seconds: int, raw: bytes, extra_offset: int, extra_isize: int) -> i
         return seconds * 1_000_000_000
     extra: int = _U32.unpack_from(raw, extra_offset)[0]
     seconds += (extra & 3) << 32
-    return seconds * 1_000_000_000 + (extra >> 2)
+    return seconds * NS_PER_S + (extra >> 2 if extra < _EXTRA_NS_LIMIT else 0)
 
 
 class _OverlayStream(AlignedStream):  # type: ignore[misc]

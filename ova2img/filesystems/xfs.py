@@ -33,6 +33,9 @@ from ._runlist import RunlistReader
 from .base import (
     DECODE_ERRORS,
     ENTRY_TYPES,
+    NO_ID,
+    NS_PER_S,
+    OVERFLOW_ID,
     DataRun,
     Entry,
     EntryType,
@@ -236,8 +239,8 @@ class _Inode:
         self.aformat = aformat
         self.forkoff = forkoff * 8  # di_forkoff counts 8-byte units
         self.flags = flags
-        self.uid = uid
-        self.gid = gid
+        self.uid = uid if uid != NO_ID else OVERFLOW_ID
+        self.gid = gid if gid != NO_ID else OVERFLOW_ID
         # xfs_inode_from_disk: v1 inodes keep a 16-bit link count in di_onlink.
         self.nlink = onlink if version == 1 else nlink
         self.size = size
@@ -275,7 +278,7 @@ def _time_ns(raw: bytes, bigtime: bool) -> int:
     seconds: int
     nsec: int
     seconds, nsec = struct.unpack(">iI", raw)
-    return seconds * 1_000_000_000 + nsec
+    return seconds * NS_PER_S + (nsec if nsec < NS_PER_S else 0)
 
 
 def _bmbt_rec(raw: bytes, pos: int) -> tuple[int, int, int, bool]:

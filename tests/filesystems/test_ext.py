@@ -25,9 +25,12 @@ from typing import Any
 
 import pytest
 from dissect.extfs import ExtFS
+from support.compare import assert_same_tree
+from support.reference import make_reference
 from support.walks import Seen, adapter_walk, assert_same_walk, kernel_walk, seek_runs
 
-from ova2img.errors import FilesystemError
+import ova2img
+from ova2img.errors import FilesystemError, UnsupportedError
 from ova2img.filesystems.ext import ExtFilesystem
 
 MiB = 1 << 20
@@ -725,8 +728,6 @@ def test_acl_from_mke2fs_d_vs_getfattr(tmp_path: Path) -> None:
 def test_encrypted_directory_is_refused_or_left_out(require_root: None, tmp_path: Path) -> None:
     # fscrypt (mke2fs -O encrypt, e4crypt): the kernel without the key shows encoded names and
     # refuses to read the files; ova2img must never write the ciphertext as the guest's files.
-    import ova2img
-
     img = tmp_path / "enc.img"
     mkfs(img, "-t", "ext4", "-O", "encrypt")
     with mounted(img, rw=True) as m:
@@ -762,9 +763,6 @@ def test_encrypted_directory_is_refused_or_left_out(require_root: None, tmp_path
 def test_pending_fast_commit_journal_is_refused_clearly(require_root: None, tmp_path: Path) -> None:
     # A copy taken while mounted, after fsync()s that went to the fast-commit area: the
     # kernel replays it; ova2img does not, and says so without library-level advice.
-    import ova2img
-    from ova2img.errors import UnsupportedError
-
     img = tmp_path / "fc.img"
     mkfs(img, "-t", "ext4", "-O", "fast_commit")
     copy = tmp_path / "copy.img"
@@ -780,3 +778,36 @@ def test_pending_fast_commit_journal_is_refused_clearly(require_root: None, tmp_
         ova2img.convert(copy, tmp_path / "out.tar", use_fstab=False)
     message = str(err.value)
     assert "fast commits" in message and "ignore_journal" not in message
+
+
+@pytest.mark.root
+def test_odd_owner_and_nanoseconds_as_root_tar_shows_them(
+    require_root: None, tmp_path: Path
+) -> None:
+    # debugfs writes what no kernel would: an owner of (uid_t)-1, which stat shows as the
+    # overflow id 65534, and an mtime_extra whose nanoseconds are >= 10^9, which GNU tar
+    # records as none.
+    img = tmp_path / "odd.img"
+    mkfs(img, "-t", "ext4", "-I", "256")
+    with mounted(img, rw=True) as m:
+        (m / "etc").mkdir()
+        (m / "etc" / "fstab").write_text("")
+        for name in ("minus-one", "big-ns", "plain"):
+            (m / name).write_text(name + "\n")
+    for request in (
+        "sif /minus-one uid 0xffff",
+        "sif /minus-one uid_hi 0xffff",
+        "sif /minus-one gid 0xffff",
+        "sif /minus-one gid_hi 0xffff",
+        "sif /big-ns mtime 1700000000",
+        "sif /big-ns mtime_extra 0xfffffffc",
+    ):
+        run("debugfs", "-w", "-R", request, img)
+    ours, ref = tmp_path / "ours.tar", tmp_path / "ref.tar"
+    ova2img.convert(img, ours)
+    make_reference(img, ref, [("/", 0, img.stat().st_size)])
+    assert_same_tree(ours, ref, ignore=("/lost+found",))
+    with tarfile.open(ours) as tf:
+        odd = tf.getmember("./minus-one")
+        assert (odd.uid, odd.gid) == (65534, 65534)
+        assert tf.getmember("./big-ns").mtime == 1700000000
