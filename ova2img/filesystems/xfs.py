@@ -16,6 +16,7 @@ Handles are 64-bit XFS inode numbers (``int``), which are also ``st_ino``.
 from __future__ import annotations
 
 import io
+import logging
 import stat as _stat
 import struct
 from collections.abc import Callable, Iterator
@@ -45,6 +46,8 @@ from .base import (
 )
 
 __all__ = ["XfsFilesystem"]
+
+log = logging.getLogger("ova2img.filesystems")
 
 _SB_MAGIC = 0x58465342  # "XFSB"
 _SB = struct.Struct(">IIQQQ16sQQQQIIIIIHHHH12sBBBBBBBB")  # xfs_sb up to sb_imax_pct (128 bytes)
@@ -122,6 +125,17 @@ _SYMLINK_MAXLEN = 1024  # XFS_SYMLINK_MAXLEN
 
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
+# The log (xfs_log_format.h): 512-byte blocks; a record header starts with the magic, then
+# h_cycle; every other block starts with the cycle number (its own first word is kept in the
+# header's h_cycle_data).
+_BBSIZE = 512
+_XLOG_MAGIC = 0xFEEDBABE
+_XLOG_HEADER_CYCLE_SIZE = 32 * 1024
+_XLOG_UNMOUNT_TRANS = 0x20
+_LOG_WORDS = struct.Struct(">II")
+#: how far back from the head a record header is looked for (a record is at most 256 KiB)
+_LOG_SCAN_BLOCKS = 4096
+_VERSION_LOGV2BIT = 0x0400
 _U64 = struct.Struct(">Q")
 
 _INODE_CACHE = 8192
@@ -401,6 +415,22 @@ class XfsFilesystem(Filesystem):
 
         self._meta_block: Callable[[int], bytes] = lru_cache(_META_CACHE)(self._read_meta_block)
         self._inode: Callable[[int], _Inode] = lru_cache(_INODE_CACHE)(self._load_inode)
+        #: the internal log's last record is not an unmount record: an unclean shutdown left
+        #: changes in the log, which a kernel mount replays and ova2img does not (``None``:
+        #: an external log, or the log could not be read)
+        self.log_pending: bool | None = None
+        try:
+            self.log_pending = self._log_pending(
+                fields[6], fields[14], bool(versionnum & _VERSION_LOGV2BIT) or self._v5
+            )
+        except (Ova2imgError, *_DECODE_ERRORS) as exc:
+            log.debug("%s: XFS log not checked: %s", self._name, exc)
+        if self.log_pending:
+            log.warning(
+                "%s: XFS log not replayed (unclean shutdown): changes logged after the last "
+                "checkpoint are missing, files may show an older state",
+                self._name,
+            )
         self._map_cache: Callable[[int, bool], list[_Extent]] = lru_cache(_MAP_CACHE)(
             self._load_map
         )
@@ -475,6 +505,59 @@ class XfsFilesystem(Filesystem):
         if agno >= self._agcount or agbno >= self._agblocks:
             raise _Corrupt(f"fs block {fsblock:#x} (AG {agno} block {agbno}) outside the volume")
         return agno * self._agblocks + agbno
+
+    def _log_pending(self, logstart: int, logblocks: int, logv2: bool) -> bool | None:
+        """Whether the internal log needs recovery, found as xlog_find_tail() does: the head
+        is where the cycle numbers stamped in each 512-byte log block drop
+        (xlog_find_head), and a clean log's last record before it is a lone unmount record
+        (xlog_check_unmount_rec). ``None`` when it cannot tell."""
+        if not logstart or not logblocks:
+            return None  # an external log device: not part of the image
+        base = self._linear(logstart) * self.block_size
+        count = logblocks * self.block_size // _BBSIZE
+        if base + count * _BBSIZE > self._size:
+            return None
+
+        def block(i: int) -> bytes:
+            return self._read(base + i * _BBSIZE, _BBSIZE)
+
+        def cycle(data: bytes) -> int:
+            # A record header holds its cycle in h_cycle; every other block starts with it.
+            magic, at4 = _LOG_WORDS.unpack_from(data, 0)
+            return int(at4 if magic == _XLOG_MAGIC else magic)
+
+        first, last = cycle(block(0)), cycle(block(count - 1))
+        head = 0  # one cycle all through: the log wrapped at its end
+        if first != last:  # xlog_find_cycle_start: the first block of the last cycle
+            lo, hi = 0, count - 1
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if cycle(block(mid)) == last:
+                    hi = mid
+                else:
+                    lo = mid
+            head = hi
+        # xlog_rseek_logrec_hdr: the last record header before the head
+        at = head
+        for _ in range(min(count, _LOG_SCAN_BLOCKS)):
+            at = (at - 1) % count
+            header = block(at)
+            if _U32.unpack_from(header, 0)[0] == _XLOG_MAGIC:
+                break
+        else:
+            return None
+        version, length = struct.unpack_from(">II", header, 8)
+        (ops,) = _U32.unpack_from(header, 40)
+        (h_size,) = _U32.unpack_from(header, 320)
+        hblks = 1
+        if logv2 and version & 2 and h_size > _XLOG_HEADER_CYCLE_SIZE:
+            hblks = -(-h_size // _XLOG_HEADER_CYCLE_SIZE)
+        after = (at + hblks + -(-length // _BBSIZE)) % count
+        if after == head % count and ops == 1:
+            op = block((at + hblks) % count)
+            if op[9] & _XLOG_UNMOUNT_TRANS:  # xlog_op_header.oh_flags
+                return False
+        return True
 
     def _read_meta_block(self, block: int) -> bytes:
         if block < 0 or block >= self.block_count:
