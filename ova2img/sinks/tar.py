@@ -39,7 +39,6 @@ the whole file is discarded anyway, see :mod:`ova2img.sinks.output`.)
 from __future__ import annotations
 
 import contextlib
-import stat
 import struct
 import zlib
 from collections.abc import Callable, Iterable
@@ -529,7 +528,7 @@ class TarWriter:
             devmajor, devminor = entry.rdev_major, entry.rdev_minor
         header = _ustar_header(
             name=header_name,
-            mode=stat.S_IMODE(entry.mode),
+            mode=entry.mode & 0o7777,
             uid=uid_field or _base256(uid, 8),
             gid=gid_field or _base256(gid, 8),
             size=size_field or _base256(size, 12),
@@ -541,17 +540,33 @@ class TarWriter:
         )
         if records:
             payload = b"".join([_pax_record(k, v) for k, v in records])
-            # GNU tar 1.34's default extended header name: "%d/PaxHeaders/%f".
-            xname = _dirname(name) + b"/PaxHeaders/" + (_basename(name) or b".")
-            xheader = _ustar_header(
-                name=xname,
-                mode=0o644,
-                uid=_ZERO8,
-                gid=_ZERO8,
-                size=_size_field(len(payload)),
-                mtime=_octal(seconds if 0 <= seconds < _MAX12 else 0, 12),
-                typeflag=_XHDTYPE,
+            # GNU tar 1.34's default extended header name: "%d/PaxHeaders/%f" (the directory
+            # of "./a/b" is "./a", of "./b" it is "."; the root's own name is ".").
+            head, _, base = name.rstrip(b"/").rpartition(b"/")
+            if base == b".":
+                base = b""
+            xname = (head or b".") + b"/PaxHeaders/" + (base or b".")
+            xheader = bytearray(
+                _USTAR.pack(
+                    xname,
+                    b"0000644\0",
+                    _ZERO8,
+                    _ZERO8,
+                    _size_field(len(payload)),
+                    mtime_field or _ZERO12,
+                    b"        ",
+                    _XHDTYPE,
+                    b"",
+                    b"ustar\x0000",
+                    b"",
+                    b"",
+                    _ZERO8,
+                    _ZERO8,
+                    b"",
+                    b"",
+                )
             )
+            xheader[148:156] = b"%06o\0 " % _byte_sum(xheader)
             # one write for the three: the extended header, its records, the member's header
             self._write(b"".join((xheader, payload, bytes(-len(payload) % BLOCK), header)))
         else:
@@ -691,6 +706,7 @@ HARDLINKED_TYPES = frozenset({EntryType.FILE, EntryType.SYMLINK})
 _MAX8 = 8**7  # the first value an 8-byte octal field cannot hold
 _MAX12 = 8**11
 _ZERO8 = b"0000000\0"
+_ZERO12 = b"00000000000\0"
 #: the ustar header's fields (POSIX.1-2001 pax, "ustar Interchange Format"): 512 bytes
 _USTAR = struct.Struct("100s8s8s8s12s12s8s1s100s8s32s32s8s8s155s12s")
 
