@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -171,14 +172,22 @@ def test_interrupt_arriving_while_the_output_is_committed(
     real = signal.sigpending
 
     def pending_now() -> set[signal.Signals]:
-        os.kill(os.getpid(), signal.SIGINT)  # SIGINT is masked here: it stays pending
+        # SIGINT is masked in this thread: it stays pending. (Sent to the thread, not the
+        # process: with another thread alive, the kernel would deliver it there instead.)
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
         monkeypatch.setattr(output.signal, "sigpending", real)
         return real()
 
     out = tmp_path / "out.tar"
-    with pytest.raises(KeyboardInterrupt), output.open_output(str(out)) as fh:
-        fh.write(b"x" * 10240)
-        monkeypatch.setattr(output.signal, "sigpending", pending_now)
+    # Python's own handler, even when pytest was started with SIGINT ignored (as a background
+    # job of a non-interactive shell is): then no KeyboardInterrupt would ever come.
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), output.open_output(str(out)) as fh:
+            fh.write(b"x" * 10240)
+            monkeypatch.setattr(output.signal, "sigpending", pending_now)
+    finally:
+        signal.signal(signal.SIGINT, old)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -193,7 +202,7 @@ def test_commit_goes_on_when_the_handler_returns(
         real = signal.sigpending
 
         def pending_now() -> set[signal.Signals]:
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
             monkeypatch.setattr(output.signal, "sigpending", real)
             return real()
 
