@@ -140,7 +140,11 @@ def test_image_is_faithful_to_its_staging_tree(tmp_path: Path, require_root: Non
     )
     ref = tmp_path / "ref.tar"
     make_reference(image.path, ref, [("/", 0, image.size)])
-    assert compare_tars(staged, ref, ignore={"/lost+found"}) == []
+    # mke2fs -d gives each name of a hardlinked symlink an inode of its own (it links regular
+    # files, FIFOs and devices only): the one thing the image does not keep.
+    split = "'/probes/symlink-linked"
+    diffs = compare_tars(staged, ref, ignore={"/lost+found"})
+    assert [d for d in diffs if not (d.startswith(split) and "hardlink group" in d)] == []
 
 
 def test_make_reference_cleans_up_on_failure(tmp_path: Path, require_root: None) -> None:
