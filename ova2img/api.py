@@ -14,11 +14,13 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .assembly import (
@@ -297,6 +299,27 @@ def _import_usual_decoders() -> None:
     importlib.import_module("ova2img.filesystems.ext")
 
 
+def _refuse_source_as_output(source: PathLike | Sequence[PathLike], output: str) -> None:
+    """Refuse an output that is one of the sources (its name, or a link to it): the
+    finished tarball would be renamed over the input (GNU tar: "file is the archive; not
+    dumped").
+
+    Raises:
+        UsageError: it is.
+    """
+    if output == "-":
+        return
+    for name in _as_list(source):
+        if name == "-":
+            continue
+        with contextlib.suppress(OSError):  # a missing output or source: nothing to lose
+            if Path(name).samefile(output):
+                raise UsageError(
+                    f"the output {output} is the source {name}: writing it would replace "
+                    "the image being converted"
+                )
+
+
 def _as_list(source: PathLike | Sequence[PathLike]) -> list[str]:
     if isinstance(source, str | os.PathLike):
         return [os.fspath(source)]
@@ -455,6 +478,11 @@ def convert(
     from .sinks.output import open_output
     from .sinks.tar import write_tar
 
+    _refuse_source_as_output(source, os.fspath(output))
+    if report is not None:
+        from .report import check_report_path
+
+        check_report_path(report)
     collector = _WarningCollector()
     log.addHandler(collector)
     try:
@@ -483,8 +511,10 @@ def convert(
                     workers=1 if lenient else 2,
                     child_setup=counter.silence,
                 )
-        if ledger is not None and report is not None:
-            ledger.write(report)
+                if ledger is not None and report is not None:
+                    # before the output is committed: a report that cannot be written fails
+                    # the conversion and leaves no tarball behind either
+                    ledger.write(report)
     finally:
         log.removeHandler(collector)
     return ConversionResult(os.fspath(output), stats.entries, stats.data_bytes, collector.messages)

@@ -670,11 +670,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         # Our stdout's reader went away (`ova2img ls … | head`); stop quietly like ls and cat,
         # but a conversion that could not write its output has failed.
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        if args.command in ("ls", "cat"):
+        if args.command != "convert":
             return 0
         stderr.write("ova2img: error: output: the reader closed the pipe\n")
+        return 1
+    except OSError as exc:
+        # Printing a listing or a report failed (stdout on a full disk, /dev/full, …); the
+        # library turns its own I/O errors into Ova2imgError.
+        if args.debug:
+            traceback.print_exc(file=stderr)
+        stderr.write(f"ova2img: error: cannot write the output: {exc.strerror or exc}\n")
         return 1
     finally:
         log.removeHandler(handler)
@@ -694,6 +701,6 @@ def run() -> NoReturn:
     """
     code = main()
     for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # None when fd 1 is closed
             stream.flush()
     os._exit(code)

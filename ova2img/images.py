@@ -47,12 +47,14 @@ from .api import (
     ReadyOptions,
     ReadyPlan,
     _Counter,
+    _refuse_source_as_output,
     _WarningCollector,
     guest_path,
 )
 from .api import open as open_guest
 from .errors import SinkError, UsageError
 from .filesystems.base import EntryType
+from .report import check_report_path
 from .sinks.config import (
     ImageConfig,
     Platform,
@@ -62,7 +64,7 @@ from .sinks.config import (
     root_shell,
 )
 from .sinks.image import ImageFormat, ImageStats, split_repo_tag, write_image
-from .sinks.output import open_output
+from .sinks.output import compression_for, open_output
 from .sinks.tar import TarStats, measure_tar, write_tar
 
 if TYPE_CHECKING:
@@ -354,6 +356,8 @@ def convert_to_engine(
     change_list = check_changes(changes)
     ready = ReadyOptions(profile, ops, no_ops, ids, devices, whiteouts)
     ready.check(path)
+    if report is not None:
+        check_report_path(report)
     client = connect(docker_host)
     url = engine_url(docker_host)
     warnings: list[str] = []
@@ -469,7 +473,17 @@ def convert_to_image(
     change_list = check_changes(changes)
     ready = ReadyOptions(profile, ops, no_ops, ids, devices, whiteouts)
     ready.check(path)
+    if report is not None:
+        check_report_path(report)
     out_path = os.fspath(output)
+    if out_path != "-" and compression_for(out_path) != "none":
+        # the archive is written with positional writes (its index comes first), so it
+        # cannot go through a compressor: say so rather than write a plain tar under that name
+        raise UsageError(
+            f"--format {format} writes an uncompressed archive: name it .tar, not "
+            f"{Path(out_path).name} (compress it afterwards if you like)"
+        )
+    _refuse_source_as_output(source, out_path)
     warnings: list[str] = []
     with _guest_layer(
         source,

@@ -31,17 +31,20 @@ counts it with everything below it; the categories count every entry.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .assembly import TreeItem
+from .errors import SinkError, UsageError
 from .filesystems.base import EntryType
 
-__all__ = ["ADDED", "DROPPED", "TRANSFORMED", "Change", "Ledger"]
+__all__ = ["ADDED", "DROPPED", "TRANSFORMED", "Change", "Ledger", "check_report_path"]
 
 #: actions that add an entry the guest does not have
 ADDED = frozenset({"masked", "added"})
@@ -198,6 +201,36 @@ class Ledger:
 
     def write(self, path: str | os.PathLike[str]) -> None:
         """Write the JSON ledger to *path* (UTF-8; names that are not UTF-8 keep their bytes
-        as surrogate escapes turned into ``\\udcXX`` JSON escapes)."""
-        with open(path, "w", encoding="ascii") as fh:
-            fh.write(self.to_json())
+        as surrogate escapes turned into ``\\udcXX`` JSON escapes), under a temporary name
+        renamed into place: a failed write leaves no half report.
+
+        Raises:
+            SinkError: it cannot be written (one line).
+        """
+        target = Path(path).absolute()
+        tmp = target.with_name(f".{target.name}.ova2img-{os.getpid()}.part")
+        try:
+            with tmp.open("w", encoding="ascii") as fh:
+                fh.write(self.to_json())
+            tmp.replace(target)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise SinkError(f"cannot write the report {path}: {exc.strerror or exc}") from exc
+
+
+def check_report_path(path: str | os.PathLike[str]) -> None:
+    """Fail before any work when ``--report FILE`` cannot be written: FILE is a directory, or
+    its directory does not exist or is not writable.
+
+    Raises:
+        UsageError: one of these.
+    """
+    target = Path(path).absolute()
+    if target.is_dir():
+        raise UsageError(f"--report {path}: is a directory")
+    parent = target.parent
+    if not parent.is_dir():
+        raise UsageError(f"--report {path}: no such directory {parent}")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"--report {path}: the directory {parent} is not writable")

@@ -97,3 +97,123 @@ def test_process_entry_flushes_before_it_ends(capsys: pytest.CaptureFixture[str]
     )
     assert bad.returncode == 1
     assert bad.stderr.startswith("ova2img: error: source: /nonexistent")
+
+
+# -- outputs and reports that would go wrong (found by an audit) --------------------------------
+
+DEMO = Path(__file__).resolve().parent.parent / "fixtures" / "demo.ova"
+
+
+def _cli(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ova2img", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_output_naming_the_source_is_refused(tmp_path: Path) -> None:
+    src = tmp_path / "vm.ova"
+    src.write_bytes(DEMO.read_bytes())
+    link = tmp_path / "link.tar"
+    link.symlink_to(src)
+    for out in (src, link):
+        done = _cli("convert", str(src), "-o", str(out))
+        assert done.returncode == 2
+        assert "is the source" in _one_line(done.stderr)
+    assert src.read_bytes() == DEMO.read_bytes()
+
+
+def test_replacing_an_output_keeps_its_mode(tmp_path: Path) -> None:
+    out = tmp_path / "rootfs.tar"
+    out.write_bytes(b"old")
+    out.chmod(0o600)
+    assert main(["convert", str(DEMO), "-o", str(out), "-q"]) == 0
+    assert out.stat().st_mode & 0o777 == 0o600
+    assert out.stat().st_size > 10240
+
+
+def test_unwritable_report_fails_first_and_leaves_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "out.tar"
+    for report in (tmp_path / "missing" / "r.json", tmp_path):
+        done = _cli("convert", str(DEMO), "-o", str(out), "--report", str(report))
+        assert done.returncode == 2
+        assert "--report" in _one_line(done.stderr)
+        assert not out.exists()
+
+
+def test_report_that_fails_at_the_end_takes_the_output_with_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ova2img import report as reportmod
+    from ova2img.errors import SinkError
+
+    def fail(self: object, path: object) -> None:
+        raise SinkError(f"cannot write the report {path}: No space left on device")
+
+    monkeypatch.setattr(reportmod.Ledger, "write", fail)
+    out = tmp_path / "out.tar"
+    with pytest.raises(SinkError, match="report"):
+        ova2img.convert(DEMO, out, report=tmp_path / "r.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_compressed_names_compress_and_image_formats_refuse_them(tmp_path: Path) -> None:
+    for name, magic in (("r.tgz", b"\x1f\x8b"), ("R.TAR.XZ", b"\xfd7zXZ"), ("r.tbz2", b"BZh")):
+        assert main(["convert", str(DEMO), "-o", str(tmp_path / name), "-q"]) == 0
+        assert (tmp_path / name).read_bytes()[: len(magic)] == magic
+    done = _cli("convert", str(DEMO), "--format", "oci", "-o", str(tmp_path / "i.oci.tar.gz"))
+    assert done.returncode == 2
+    assert "uncompressed archive" in _one_line(done.stderr)
+    assert not (tmp_path / "i.oci.tar.gz").exists()
+
+
+def test_stdout_closed_full_or_a_terminal(tmp_path: Path) -> None:
+    import os
+    import pty
+
+    closed = _cli("convert", str(DEMO), "-o", "-", preexec_fn=lambda: os.close(1))
+    assert closed.returncode == 1
+    assert "stdout" in _one_line(closed.stderr)
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "ova2img", "inspect", str(DEMO)],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            check=False,
+        )
+    assert done.returncode == 1
+    assert "No space left" in _one_line(done.stderr)
+    primary, secondary = pty.openpty()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "ova2img", "convert", str(DEMO), "-o", "-", "-q"],
+            stdout=secondary,
+            stderr=subprocess.PIPE,
+            text=True,
+            check=False,
+        )
+    finally:
+        os.close(primary)
+        os.close(secondary)
+    assert done.returncode == 1
+    assert "terminal" in _one_line(done.stderr)
+
+
+def test_listing_into_a_closed_pipe_ends_quietly() -> None:
+    shell = (
+        f"{sys.executable} -m ova2img inspect {DEMO} | head -c 5 >/dev/null; "
+        'echo "${PIPESTATUS[0]}"'
+    )
+    done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, check=False)
+    assert done.stdout.strip() == "0"
+    assert done.stderr == ""

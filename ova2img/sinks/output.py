@@ -9,9 +9,11 @@ whether what was written becomes the output:
   so no partial output is ever left behind. ``SIGINT``/``SIGTERM`` are held back while the
   file is committed or removed (``pthread_sigmask``): an interrupt that arrived before the
   rename cancels it, and a second Ctrl-C cannot cut the clean-up short;
-* a name ending in ``.gz`` is gzip-compressed (RFC 1952) with MTIME 0, no FNAME and OS 255,
-  so the same tar gives the same bytes; ``.zst`` is Zstandard (the optional ``zstandard``
-  module); the compression trailer is written only on success;
+* a name ending in ``.gz`` (or ``.tgz``) is gzip-compressed (RFC 1952) with MTIME 0, no FNAME
+  and OS 255, so the same tar gives the same bytes; ``.zst`` is Zstandard (the optional
+  ``zstandard`` module), ``.xz`` and ``.bz2`` the standard library's lzma and bz2 (endings
+  compared in any case, GNU tar's ``-a`` list); the compression trailer is written only on
+  success; replacing an existing file keeps its mode;
 * ``-`` is stdout: nothing can be taken back, so on failure the stream is cut — no
   end-of-archive blocks, no compression trailer, and :func:`~ova2img.sinks.tar.write_tar`
   ends it inside a member (a bare cut at a member boundary is accepted silently by GNU tar,
@@ -40,7 +42,7 @@ from typing import BinaryIO, Literal, Protocol, cast
 
 from ..errors import SinkError
 
-Compression = Literal["none", "gz", "zst"]
+Compression = Literal["none", "gz", "zst", "xz", "bz2"]
 
 #: gzip level: GNU gzip's default (9 costs twice the time for ~1 % on a rootfs).
 GZIP_LEVEL = 6
@@ -214,13 +216,60 @@ def write_error(label: str, exc: OSError) -> SinkError:
     return SinkError(f"cannot write {label}: {exc.strerror or exc}")
 
 
+#: name endings (compared in lower case) and the compression they ask for, as GNU tar's -a
+_SUFFIXES: tuple[tuple[str, Compression], ...] = (
+    (".gz", "gz"),
+    (".tgz", "gz"),
+    (".taz", "gz"),
+    (".zst", "zst"),
+    (".tzst", "zst"),
+    (".xz", "xz"),
+    (".txz", "xz"),
+    (".bz2", "bz2"),
+    (".tbz", "bz2"),
+    (".tbz2", "bz2"),
+)
+
+
 def compression_for(path: str) -> Compression:
-    """The compression a name asks for: ``.gz`` → gzip, ``.zst`` → zstd, else none."""
-    if path.endswith(".gz"):
-        return "gz"
-    if path.endswith(".zst"):
-        return "zst"
+    """The compression a name asks for, whatever its case: ``.gz``/``.tgz`` → gzip,
+    ``.zst``/``.tzst`` → zstd, ``.xz``/``.txz`` → xz, ``.bz2``/``.tbz2``/``.tbz`` → bzip2,
+    else none."""
+    lower = path.lower()
+    for suffix, kind in _SUFFIXES:
+        if lower.endswith(suffix):
+            return kind
     return "none"
+
+
+class _Xz:
+    """One .xz stream (the standard library's lzma, preset 6 as xz's default, CRC64)."""
+
+    def __init__(self) -> None:
+        import lzma
+
+        self._z = lzma.LZMACompressor(format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, preset=6)
+
+    def compress(self, data: bytes | bytearray | memoryview) -> bytes:
+        return self._z.compress(data)
+
+    def finish(self) -> bytes:
+        return self._z.flush()
+
+
+class _Bz2:
+    """One .bz2 stream (the standard library's bz2, level 9 as bzip2's default)."""
+
+    def __init__(self) -> None:
+        import bz2
+
+        self._z = bz2.BZ2Compressor(9)
+
+    def compress(self, data: bytes | bytearray | memoryview) -> bytes:
+        return self._z.compress(data)
+
+    def finish(self) -> bytes:
+        return self._z.flush()
 
 
 def _codec(kind: Compression) -> _Codec | None:
@@ -228,6 +277,10 @@ def _codec(kind: Compression) -> _Codec | None:
         return _Gzip()
     if kind == "zst":
         return _Zstd()
+    if kind == "xz":
+        return _Xz()
+    if kind == "bz2":
+        return _Bz2()
     return None
 
 
@@ -264,7 +317,18 @@ def open_output(
 
 @contextlib.contextmanager
 def _open_stdout(stdout: BinaryIO | None, kind: Compression) -> Iterator[BinaryIO]:
-    raw = stdout if stdout is not None else sys.stdout.buffer
+    if stdout is None:
+        if sys.stdout is None:  # started with fd 1 closed (`>&-`)
+            raise SinkError("cannot write to stdout: it is closed")
+        raw = sys.stdout.buffer
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            if raw.isatty():
+                # as gzip and zstd do: a tarball is no reading for a terminal
+                raise SinkError(
+                    "refusing to write a tarball to a terminal: redirect stdout, or use -o FILE"
+                )
+    else:
+        raw = stdout
     stream = OutputStream(raw, "stdout", _codec(kind))
     try:
         yield cast(BinaryIO, stream)  # a RawIOBase that does BinaryIO's write
@@ -285,6 +349,7 @@ def _open_stdout(stdout: BinaryIO | None, kind: Compression) -> Iterator[BinaryI
 
 @contextlib.contextmanager
 def _open_file(path: str, kind: Compression) -> Iterator[BinaryIO]:
+    st: os.stat_result | None = None
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -304,6 +369,13 @@ def _open_file(path: str, kind: Compression) -> Iterator[BinaryIO]:
     target = Path(path).absolute()
     codec = _codec(kind)  # before creating anything: a missing zstandard fails cleanly
     fd, tmp = _create_temp(target.parent, target.name)
+    if st is not None:
+        # Replacing a file keeps its mode (and, as root, its owner), as writing into it would:
+        # a 0600 rootfs tarball holding /etc/shadow must not come back 0644.
+        with contextlib.suppress(OSError):
+            if os.geteuid() == 0:
+                os.fchown(fd, st.st_uid, st.st_gid)
+            os.fchmod(fd, stat.S_IMODE(st.st_mode))
     raw = os.fdopen(fd, "wb", buffering=0)
     stream = OutputStream(raw, path, codec, _writeback_starter())
     committed = False

@@ -10,7 +10,7 @@ import zlib
 from pathlib import Path
 from typing import BinaryIO
 
-from ..errors import SourceError
+from ..errors import SourceError, UsageError
 from .base import Source
 from .files import open_images, regular_file_size
 from .ova import open_ova
@@ -101,7 +101,7 @@ def open_source(
         from .spool import open_stream
 
         if len(paths) > 1:
-            raise SourceError("stdin must be given alone, not with other sources", obj="-")
+            raise UsageError("stdin must be given alone, not with other sources")
         return open_stream(
             stdin if stdin is not None else sys.stdin.buffer,
             "-",
@@ -118,8 +118,8 @@ def open_source(
     if len(paths) > 1:
         for p, kind in zip(paths, kinds, strict=True):
             if kind != "image":
-                raise SourceError(
-                    f"an {kind.upper()} must be given alone, not with other sources", obj=p
+                raise UsageError(
+                    f"{p}: an {kind.upper()} must be given alone, not with other sources"
                 )
         return open_images(paths, allow_external=allow_external)
     options = {"verify_manifest": verify_manifest, "allow_external": allow_external}

@@ -119,10 +119,18 @@ def test_zstd_missing_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_compression_by_suffix_and_override(tmp_path: Path) -> None:
+    # GNU tar's -a list, in any case: a name that says compressed gets compressed
     assert outmod.compression_for("a.tar.gz") == "gz"
-    assert outmod.compression_for("a.tgz") == "none"
+    assert outmod.compression_for("a.tgz") == outmod.compression_for("A.TAR.GZ") == "gz"
     assert outmod.compression_for("a.tar.zst") == "zst"
+    assert outmod.compression_for("a.tar.xz") == outmod.compression_for("a.txz") == "xz"
+    assert outmod.compression_for("a.tar.bz2") == outmod.compression_for("a.tbz2") == "bz2"
     assert outmod.compression_for("a.tar") == "none"
+    for name, opener in (("x.tar.xz", "lzma"), ("x.tar.bz2", "bz2")):
+        with open_output(str(tmp_path / name)) as out:
+            out.write(b"payload" * 100)
+        module = __import__(opener)
+        assert module.decompress((tmp_path / name).read_bytes()) == b"payload" * 100
     target = tmp_path / "plain.gz"
     with open_output(str(target), compression="none") as out:
         out.write(b"x")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ova2img.disks import open_disk
-from ova2img.errors import SourceError, UnsupportedError
+from ova2img.errors import SourceError, UnsupportedError, UsageError
 from ova2img.sources import open_source
 from ova2img.sources.ovf import parse_capacity, parse_envelope
 
@@ -609,5 +609,5 @@ def test_bare_images_in_order_and_stdin(raw_disks: list[Path], tmp_path: Path) -
 def test_ova_cannot_be_mixed_with_images(raw_disks: list[Path], tmp_path: Path) -> None:
     _, names = build_appliance(tmp_path, raw_disks, "ovftool")
     ova = tar_ova(tmp_path, ["app.ovf", *names], tmp_path / "app.ova")
-    with pytest.raises(SourceError, match="given alone"):
+    with pytest.raises(UsageError, match="given alone"):  # a usage error: exit code 2
         open_source([str(ova), str(raw_disks[0])])

@@ -17,7 +17,7 @@ import pytest
 from test_ova_ovf import build_appliance, ovftool_ovf, raw_disks, run, tar_ova
 
 from ova2img.disks import open_disk
-from ova2img.errors import SourceError, UnsupportedError
+from ova2img.errors import SourceError, UnsupportedError, UsageError
 from ova2img.sources import open_source
 
 __all__ = ["raw_disks"]  # the module-scoped fixture, re-exported for this module
@@ -233,7 +233,7 @@ def test_gzip_member_and_other_streams(
         open_source(["-"], stdin=io.BytesIO((tmp_path / "gz.ovf").read_bytes()))
     with pytest.raises(SourceError, match="nothing to read"):
         open_source(["-"], stdin=io.BytesIO(b""))
-    with pytest.raises(SourceError, match="alone"):
+    with pytest.raises(UsageError, match="alone"):
         open_source(["-", str(raw_disks[0])])
     assert list(tmpdir_env.iterdir()) == []
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ova2img.disks import open_disk
-from ova2img.errors import SourceError
+from ova2img.errors import SourceError, UsageError
 from ova2img.sources import open_source
 from ova2img.sources.vmx import looks_like_vmx, parse_vmx, vmx_disks
 
@@ -138,5 +138,5 @@ def test_paths_outside_the_folder(vm: Path, tmp_path: Path) -> None:
     (tmp_path / "miss.vmx").write_text('config.version = "8"\nscsi0:0.fileName = "nope.vmdk"\n')
     with pytest.raises(SourceError, match="not found"):
         open_source([str(tmp_path / "miss.vmx")])
-    with pytest.raises(SourceError, match="alone"):
+    with pytest.raises(UsageError, match="alone"):
         open_source([str(vm / "vm.vmx"), str(vm / "d2.vmdk")])
