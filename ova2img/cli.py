@@ -128,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-o",
         "--output",
         metavar="OUTPUT",
-        help="the tarball to write, or - for stdout; a name ending in .gz or .zst is "
-        "compressed. Written under a temporary name and renamed when complete.",
+        help="the tarball to write, or - for stdout; a name ending in .gz/.tgz, .zst, .xz or "
+        ".bz2 is compressed. Written under a temporary name and renamed when complete.",
     )
     conv.add_argument(
         "--docker",
