@@ -39,7 +39,9 @@ class Source:
         disks: the virtual disk files in disk order (first = the guest's first disk).
         product: OVF ProductSection fields (``product``, ``vendor``, ``version``, …), if any.
         files: every file of the packaging with its size (for ``inspect``).
-        manifest: ``verified`` (every digest of the ``.mf`` checked), ``absent`` (no manifest)
+        manifest: ``verified`` (every digest of the ``.mf`` checked, every file listed),
+            ``partial`` (the digests listed are right, but some files are not listed: a
+            warning names them), ``absent`` (no manifest)
             or ``skipped`` (``verify_manifest=False``).
         certificate: a ``.cert`` is present (its signature is not checked).
         spooled: bytes of temporary space held for the source (an archive read from a pipe

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
+import posixpath
 import re
 import threading
 from collections.abc import Callable
@@ -31,6 +33,8 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from ..errors import SourceError
+
+log = logging.getLogger("ova2img.sources")
 
 MAX_MANIFEST_SIZE = 1024 * 1024
 #: bytes hashed per call: the GIL is taken between calls, so a large chunk keeps the hash
@@ -98,6 +102,23 @@ def parse_manifest(data: bytes, label: str) -> list[Digest]:
         seen.add(name)
         digests.append(Digest(name, algorithm, digest))
     return digests
+
+
+def coverage(digests: list[Digest], names: list[str], label: str) -> str:
+    """``"verified"`` when the manifest lists every one of *names* (the package's files), else
+    ``"partial"``, with a warning naming what it leaves out (their digests were not checked;
+    ovftool warns about such a manifest too)."""
+    listed = {posixpath.normpath(d.name) for d in digests}
+    missing = [n for n in names if posixpath.normpath(n) not in listed]
+    if not missing:
+        return "verified"
+    log.warning(
+        "%s: the manifest does not list %s: %s not verified",
+        label,
+        ", ".join(missing),
+        "it is" if len(missing) == 1 else "they are",
+    )
+    return "partial"
 
 
 def hash_stream(fh: BinaryIO, algorithm: str) -> str:

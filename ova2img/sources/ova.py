@@ -21,7 +21,7 @@ from typing import BinaryIO
 from ..errors import SourceError, UnsupportedError
 from .base import DiskFile, Source
 from .files import FileHandles, external_path, is_external, regular_file_size, safe_relative_name
-from .manifest import parse_manifest
+from .manifest import coverage, parse_manifest
 from .manifest import verify_manifest as verify_digests
 from .ovf import MAX_OVF_SIZE, disk_files, parse_envelope
 from .window import Window
@@ -109,7 +109,12 @@ def check_manifest(
         return window(m)
 
     verify_digests(digests, open_member, label)
-    return "verified", certificate
+    package = [
+        m.name
+        for m in members.values()
+        if m.kind == "file" and not m.name.lower().endswith((".mf", ".cert"))
+    ]
+    return coverage(digests, package, label), certificate
 
 
 def open_ova(

@@ -39,7 +39,7 @@ from .files import (
     regular_file_size,
     safe_relative_name,
 )
-from .manifest import parse_manifest
+from .manifest import coverage, parse_manifest
 from .manifest import verify_manifest as verify_digests
 from .packed import Concat, GzipStream, View
 
@@ -417,7 +417,8 @@ def open_ovf(
                     raise SourceError("manifest is too large", obj=str(mf_path))
                 digests = parse_manifest(mf_path.read_bytes(), str(mf_path))
                 verify_digests(digests, resolve, name)
-                status = "verified"
+                package = [path.name, *(f.href for f in env.files.values())]
+                status = coverage(digests, package, name)
         disks = disk_files(env, name, lookup, resolve, allow_external=allow_external)
         files = {path.name: size}
         for f in env.files.values():

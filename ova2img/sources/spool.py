@@ -57,6 +57,7 @@ from .manifest import (
     MAX_MANIFEST_SIZE,
     Digest,
     check_digest,
+    coverage,
     hash_stream,
     parse_manifest,
 )
@@ -412,7 +413,14 @@ def _tar(
                 raise SourceError(f"the manifest lists {ref!r}, not in the archive", obj=name)
     status = "absent"
     if manifest_seen:
-        status = "verified" if verify else "skipped"
+        status = "skipped"
+        if verify and digests is not None:
+            package = [
+                n
+                for n, m in members.items()
+                if m.kind == "file" and not n.lower().endswith((".mf", ".cert"))
+            ]
+            status = coverage(list(digests.values()), package, name)
     spooled = {k: m for k, m in members.items() if m.kind != "skipped"}
 
     def check(window: Callable[[Member], BinaryIO]) -> tuple[str, bool]:

@@ -117,3 +117,21 @@ def test_companion_runs_beside_a_long_check_and_ends_before_it(
         assert ran == ["ova2img-manifest-companion"] * 2
     finally:
         manifest.COMPANION.reset(token)
+
+
+def test_manifest_leaving_out_a_disk_is_partial_not_verified(
+    raw_disks: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # ovftool warns about a manifest that does not list every file: its digests are right,
+    # but the unlisted disk was never checked, so "verified" would be a lie.
+    ovf, names = build_appliance(tmp_path, raw_disks, "ovftool")
+    write_manifest(tmp_path, ["app.ovf", names[0]], "SHA256", "ovftool")
+    ova = tar_ova(tmp_path, ["app.ovf", "app.mf", *names], tmp_path / "app.ova")
+    for source in (ova, ovf):
+        caplog.clear()
+        with open_source([str(source)]) as src:
+            assert src.manifest == "partial"
+        warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert any(f"does not list {names[1]}" in w for w in warned), warned
+    with (tmp_path / "app.ova").open("rb") as fh, open_source(["-"], stdin=fh) as src:
+        assert src.manifest == "partial"
