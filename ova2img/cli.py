@@ -636,7 +636,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     stdout, stderr = sys.stdout, sys.stderr
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        # argparse ends a list of positionals at the first option: `ls vm.raw --no-fstab
+        # /var` leaves /var over. Positionals after options belong to the same list.
+        listed = "sources" if hasattr(args, "sources") else "args"
+        if extra and all(not e.startswith("-") for e in extra) and hasattr(args, listed):
+            getattr(args, listed).extend(extra)
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:  # argparse: --help, --version (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else 2
     if args.command is None:

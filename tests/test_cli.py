@@ -217,3 +217,9 @@ def test_listing_into_a_closed_pipe_ends_quietly() -> None:
     done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, check=False)
     assert done.stdout.strip() == "0"
     assert done.stderr == ""
+
+
+def test_paths_may_follow_options(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ls", str(DEMO), "--no-fstab", "/etc"]) == 0
+    assert "fstab" in capsys.readouterr().out.split()
+    assert main(["ls", str(DEMO), "--bogus", "/etc"]) == 2
