@@ -72,6 +72,26 @@ def regular_file_size(path: Path, *, what: str) -> int:
     if stat.S_ISBLK(st.st_mode):
         with path.open("rb") as fh:
             return fh.seek(0, os.SEEK_END)
+    if stat.S_ISDIR(st.st_mode):
+        # a VM's folder: point at what in it can be converted
+        found = sorted(
+            p.name
+            for pattern in (
+                "*.ova",
+                "*.ovf",
+                "*.vmx",
+                "*.box",
+                "*.vmdk",
+                "*.qcow2",
+                "*.vhd*",
+                "*.vdi",
+                "*.img",
+                "*.raw",
+            )
+            for p in path.glob(pattern)
+        )[:4]
+        hint = f"; give one of its files, e.g. {', '.join(found)}" if found else ""
+        raise SourceError(f"{what} is a directory{hint}", obj=str(path))
     raise SourceError(f"{what} is not a regular file", obj=str(path))
 
 

@@ -602,7 +602,11 @@ def test_bare_images_in_order_and_stdin(raw_disks: list[Path], tmp_path: Path) -
             assert fh.read() == Path(paths[0]).read_bytes()
     with pytest.raises(SourceError, match="not found"):
         open_source([str(tmp_path / "nope.img")])
-    with pytest.raises(SourceError, match="not a regular file"):
+    # a folder: pointed at the files in it that can be converted
+    with pytest.raises(SourceError, match=r"is a directory$"):
+        open_source([str(tmp_path)])
+    (tmp_path / "vm.vmx").write_text('config.version = "8"\n')
+    with pytest.raises(SourceError, match=r"is a directory; give one of its files, e\.g\. vm\.vmx"):
         open_source([str(tmp_path)])
 
 
