@@ -341,6 +341,24 @@ class _Progress:
 
 
 def _cmd_convert(args: argparse.Namespace, stderr: TextIO) -> int:
+    if not args.docker and args.format == "rootfs":
+        # options that only an image has a place for: say so rather than drop them
+        given = [
+            flag
+            for flag, value in (
+                ("--change", args.change),
+                ("--tag", args.tag),
+                ("--gzip-layer", args.gzip_layer),
+            )
+            if value
+        ]
+        if given:
+            raise UsageError(
+                f"{', '.join(given)}: only for images (--docker, or --format "
+                "docker-archive|oci); a rootfs tarball has no image config"
+            )
+    if args.dry_run and args.report:
+        raise UsageError("--dry-run writes nothing, not even --report: drop one of them")
     if args.dry_run:
         from .profile import dry_run, select_operations
 

@@ -223,3 +223,14 @@ def test_paths_may_follow_options(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["ls", str(DEMO), "--no-fstab", "/etc"]) == 0
     assert "fstab" in capsys.readouterr().out.split()
     assert main(["ls", str(DEMO), "--bogus", "/etc"]) == 2
+
+
+def test_image_only_options_with_a_rootfs_output_are_usage_errors(tmp_path: Path) -> None:
+    out = tmp_path / "r.tar"
+    for extra in (["--change", "CMD /bin/sh"], ["--tag", "a:b"], ["--gzip-layer"]):
+        done = _cli("convert", str(DEMO), "-o", str(out), *extra)
+        assert done.returncode == 2
+        assert "only for images" in _one_line(done.stderr)
+    done = _cli("convert", str(DEMO), "--dry-run", "--report", str(tmp_path / "r.json"))
+    assert done.returncode == 2 and "--dry-run" in _one_line(done.stderr)
+    assert not out.exists()
