@@ -449,7 +449,9 @@ def apply_fstab(
             if e.nofail:
                 log.warning("%s; skipped (nofail)", msg)
                 continue
-            raise AssemblyError(f"{msg}; use --no-fstab or --root to override")
+            if not found:
+                msg += ": is a disk of the VM missing? (give every disk, in order)"
+            raise AssemblyError(f"{msg}; --no-fstab mounts the root filesystem only")
         g = found[0]
         if mountpoint == b"/":
             if g is not root:

@@ -81,3 +81,24 @@ def test_symlinked_mount_points_mount_on_their_targets(require_root: None, tmp_p
     assert "./srv/home/alice" in names and "./srv/opt/tool" in names
     assert "./logs/app/app.log" in names
     assert "./srv/home/UNDER" not in names
+
+
+def test_fstab_entry_on_a_missing_disk_says_so(tmp_path: Path) -> None:
+    from ova2img.errors import AssemblyError
+
+    def root(stage: Path) -> None:
+        (stage / "etc").mkdir()
+        (stage / "etc" / "fstab").write_text(
+            fstab_text(
+                [
+                    ("LABEL=slroot", "/", "ext4", "defaults"),
+                    ("LABEL=data", "/data", "ext4", "defaults"),
+                ]
+            )
+        )
+        (stage / "data").mkdir()
+
+    img = build_ext_image(tmp_path / "root.ext4", 8 * MiB, root, label="slroot")
+    with pytest.raises(AssemblyError, match=r"is a disk of the VM missing\? .*--no-fstab"):
+        ova2img.convert(img.path, tmp_path / "out.tar")
+    assert not (tmp_path / "out.tar").exists()
