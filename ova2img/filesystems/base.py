@@ -12,7 +12,7 @@ import struct
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO, TypeVar
+from typing import BinaryIO, Protocol, TypeVar
 
 from ..errors import FilesystemError, Ova2imgError
 
@@ -107,6 +107,41 @@ class Entry:
     rdev_minor: int = 0
     xattrs: dict[str, bytes] = field(default_factory=dict)
     link_target: bytes = b""
+
+
+class InodeFields(Protocol):
+    """What :func:`inode_entry` reads of an adapter's decoded inode."""
+
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    atime_ns: int
+    ctime_ns: int
+    nlink: int
+
+
+def inode_entry(ino: InodeFields, inum: int) -> Entry | None:
+    """The :class:`Entry` of a decoded inode (type, permissions, owners, size, times, links),
+    or ``None`` when its mode holds no valid file type. Built positionally, in the order of
+    Entry's fields: a walk makes one per path."""
+    mode = ino.mode
+    etype = ENTRY_TYPES.get(mode & 0o170000)
+    if etype is None:
+        return None
+    return Entry(
+        etype,
+        mode & 0o7777,
+        ino.uid,
+        ino.gid,
+        ino.size,
+        ino.mtime_ns,
+        ino.atime_ns,
+        ino.ctime_ns,
+        ino.nlink,
+        inum,
+    )
 
 
 DataRun = tuple[int, int]

@@ -30,7 +30,6 @@ from ._posix_acl import AclFormatError, ext_acl_to_xattr
 from ._runlist import RunlistReader
 from .base import (
     DECODE_ERRORS,
-    ENTRY_TYPES,
     NO_ID,
     NS_PER_S,
     OVERFLOW_ID,
@@ -39,6 +38,7 @@ from .base import (
     EntryType,
     Filesystem,
     decode_guarded,
+    inode_entry,
     inode_label,
 )
 
@@ -566,23 +566,10 @@ class ExtFilesystem(Filesystem):
 
     def _stat(self, inum: int) -> Entry:
         ino = self._inode(inum)
-        mode = ino.mode
-        etype = ENTRY_TYPES.get(mode & 0o170000)
-        if etype is None:
-            raise _Corrupt(f"invalid file type in mode {mode:#o}")
-        # (positional: the order of Entry's fields; a walk makes one per path)
-        entry = Entry(
-            etype,
-            mode & 0o7777,
-            ino.uid,
-            ino.gid,
-            ino.size,
-            ino.mtime_ns,
-            ino.atime_ns,
-            ino.ctime_ns,
-            ino.nlink,
-            inum,
-        )
+        entry = inode_entry(ino, inum)
+        if entry is None:
+            raise _Corrupt(f"invalid file type in mode {ino.mode:#o}")
+        etype = entry.type
         if ino.file_acl or ino.has_ibody_xattrs:
             entry.xattrs = self._xattrs(ino)[0]
         if etype is EntryType.FILE or etype is EntryType.DIR:

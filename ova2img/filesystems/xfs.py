@@ -33,7 +33,6 @@ from ._posix_acl import ACL_GROUP, ACL_UNDEFINED_ID, ACL_USER, AclFormatError, x
 from ._runlist import RunlistReader
 from .base import (
     DECODE_ERRORS,
-    ENTRY_TYPES,
     NO_ID,
     NS_PER_S,
     OVERFLOW_ID,
@@ -42,6 +41,7 @@ from .base import (
     EntryType,
     Filesystem,
     decode_guarded,
+    inode_entry,
     inode_label,
 )
 
@@ -670,23 +670,10 @@ class XfsFilesystem(Filesystem):
 
     def _stat(self, inum: int) -> Entry:
         ino = self._inode(inum)
-        mode = ino.mode
-        etype = ENTRY_TYPES.get(mode & 0o170000)
-        if etype is None:
-            raise _Corrupt(f"invalid file type in mode {mode:#o}")
-        # (positional: the order of Entry's fields; a walk makes one per path)
-        entry = Entry(
-            etype,
-            mode & 0o7777,
-            ino.uid,
-            ino.gid,
-            ino.size,
-            ino.mtime_ns,
-            ino.atime_ns,
-            ino.ctime_ns,
-            ino.nlink,
-            inum,
-        )
+        entry = inode_entry(ino, inum)
+        if entry is None:
+            raise _Corrupt(f"invalid file type in mode {ino.mode:#o}")
+        etype = entry.type
         if etype in (EntryType.CHAR, EntryType.BLOCK, EntryType.FIFO, EntryType.SOCKET):
             if etype in (EntryType.CHAR, EntryType.BLOCK):
                 if ino.format != _FMT_DEV:
