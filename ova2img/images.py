@@ -167,6 +167,9 @@ def normalise_repo_tag(repo_tag: str) -> str:
             f"invalid image name {repo_tag!r}: expected REPOSITORY[:TAG], lower case, "
             "as docker tag takes it"
         )
+    from .sinks.docker import check_reference
+
+    check_reference(repo_tag)  # what the engine refuses only after reading the whole image
     repo, tag = split_repo_tag(repo_tag)
     return f"{repo}:{tag}"
 

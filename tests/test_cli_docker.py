@@ -88,6 +88,25 @@ def test_docker_usage_errors(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("name", ["UPPER/case", "a/B:t", "LOCALHOST/x"])
+def test_docker_name_the_engine_refuses_is_a_usage_error(
+    name: str,
+    docker_host: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The engine would refuse the name only after reading the whole image, and keep it as an
+    untagged image: refused here first, and nothing reaches the engine."""
+    monkeypatch.setenv("DOCKER_HOST", docker_host)
+    images = ["docker", "-H", docker_host, "images", "-a", "-q", "--no-trunc"]
+    before = subprocess.run(images, capture_output=True, text=True, check=True).stdout
+    assert main(["convert", str(DEMO), "--docker", name]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lower case" in err, err
+    after = subprocess.run(images, capture_output=True, text=True, check=True).stdout
+    assert sorted(after.split()) == sorted(before.split())
+
+
 # -- container-ready options with images --------------------------------------------------------
 
 #: /etc/machine-id of the guest (emptied by the machine-id operation)

@@ -15,26 +15,38 @@ urllib3 sends each chunk with one ``sendall`` and keeps nothing). A slow engine 
 producer; memory does not grow with the image (the peak RSS of a 200 MiB Debian layer is
 about 65 MiB, see ``tests/test_docker_images.py``).
 
-Failures never leave a tagged image behind: the engine tags the image only after it read a
-complete archive. When the producer fails, the body generator raises, so the connection is
-aborted without the last chunk, and the archive is cut inside the layer's member anyway; the
-engine's load then fails with "unexpected EOF". Should the engine still report a loaded image,
-it is removed.
+Failures leave nothing behind in the engine, tagged or not:
+
+* The name is checked first as the engine checks it (:func:`check_reference`), so a name it
+  would refuse after reading the whole image (``UPPER/case``) is a usage error before any byte
+  is sent.
+* When the producer fails, the body generator raises, so the connection is aborted without the
+  last chunk; the archive's last :data:`_TAIL` bytes (its end-of-archive blocks) are only sent
+  once the producer returned, so a cut archive never looks complete to the engine, whose load
+  fails with "unexpected EOF".
+* Any failure once the engine may hold the image (an interrupt while it answers, its refusal
+  of the image, an error inspecting the result) waits for its answer (at most
+  :data:`_ABORT_WAIT` seconds) and undoes the load: the image it added is removed by its ID
+  (the configuration's digest, or what the engine reports or the tag now names), an image that
+  was there before only loses the tag, and a tag that named another image names it again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import queue
+import re
 import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO, TypeVar, cast
 
-from ..errors import SinkError
+from ..errors import Ova2imgError, SinkError, UsageError
+from .image import ImageStats, split_repo_tag
 
 if TYPE_CHECKING:
     from docker import APIClient
@@ -45,10 +57,59 @@ _MIN_API = "1.24"
 QUEUE_CHUNKS = 8
 #: the largest chunk queued: a longer write is split
 CHUNK = 1 << 20
-#: seconds to wait for the engine's answer after a failure cut the stream
+#: seconds to wait for the engine's answer after a failure (before undoing the load)
 _ABORT_WAIT = 120.0
+#: bytes at the end of the archive (its two end-of-archive blocks) held back until the producer
+#: returned: an archive cut by a failure never ends like a complete one
+_TAIL = 1024
 
 T = TypeVar("T")
+log = logging.getLogger("ova2img")
+
+# The reference grammar of the engine (distribution/reference: reference.go, normalize.go),
+# without digests. The first component is a registry host only if it has a '.' or a ':' or is
+# "localhost" (splitDockerDomain); otherwise it belongs to the repository path, which must be
+# lower case: the engine refuses "UPPER/case" ("repository name must be lowercase"), but only
+# after it read the whole image.
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*"
+_PATH = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+_LABEL = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
+_DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*(?::[0-9]+)?")
+_TAG = re.compile(r"[\w][\w.-]{0,127}")
+#: the longest repository name (domain and path) the engine takes
+_NAME_MAX = 255
+
+
+def check_reference(repo_tag: str) -> None:
+    """Check ``REPOSITORY[:TAG]`` as the Docker engine parses it (``ParseNormalizedNamed``).
+
+    Raises:
+        UsageError: the engine would refuse it; one line.
+    """
+    first, slash, rest = repo_tag.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        domain, remainder = first, rest
+    else:
+        domain, remainder = "", repo_tag
+    path, colon, tag = remainder.rpartition(":") if ":" in remainder else (remainder, "", "")
+    bad = ""
+    if domain and not _DOMAIN.fullmatch(domain):
+        bad = f"{domain!r} is not a registry host"
+    elif not _PATH.fullmatch(path):
+        bad = (
+            "the repository name must be lower case (a first component with upper case is a "
+            "registry host only with a '.' or ':' in it, as in Registry.example/name)"
+            if _PATH.fullmatch(path.lower())
+            else "expected REPOSITORY[:TAG] (lower-case letters, digits, '.', '_', '-', '/')"
+        )
+    elif colon and not _TAG.fullmatch(tag):
+        bad = (
+            "the tag must be up to 128 letters, digits, '_', '.', '-', not starting with '.' or '-'"
+        )
+    elif len(domain) + len(slash if domain else "") + len(path) > _NAME_MAX:
+        bad = f"the repository name is longer than {_NAME_MAX} characters"
+    if bad:
+        raise UsageError(f"invalid image name {repo_tag!r}: {bad}")
 
 
 def engine_url(docker_host: str | None) -> str:
@@ -210,6 +271,71 @@ class _QueueStream:
         pass
 
 
+class _HeldTail:
+    """What the producer writes to: passes everything on to the queue but the last
+    :data:`_TAIL` bytes, which :meth:`finish` sends once the producer returned."""
+
+    def __init__(self, stream: _QueueStream) -> None:
+        self._stream = stream
+        self._tail = b""
+        self.name = stream.name
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        view = memoryview(data).cast("B")
+        n = len(view)
+        if n >= _TAIL:
+            self._stream.write(self._tail)
+            self._stream.write(view[: n - _TAIL])
+            self._tail = bytes(view[n - _TAIL :])
+        else:
+            tail = self._tail + bytes(view)
+            if len(tail) > _TAIL:
+                self._stream.write(tail[: len(tail) - _TAIL])
+                tail = tail[len(tail) - _TAIL :]
+            self._tail = tail
+        return n
+
+    def flush(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        """Send the held-back end of the archive."""
+        tail, self._tail = self._tail, b""
+        self._stream.write(tail)
+
+
+@dataclass(frozen=True)
+class _Before:
+    """What the engine held before the load, to undo it exactly."""
+
+    #: the image the tag named, if any
+    tag_id: str | None
+    #: every image ID
+    ids: frozenset[str]
+
+
+def _snapshot(client: APIClient, repo_tag: str, url: str) -> _Before:
+    try:
+        tag_id = _image_id(client, repo_tag)  # the load's answer will say why, if it fails
+        ids = frozenset(str(i) for i in client.images(all=True, quiet=True))
+    except Exception as exc:
+        raise SinkError(
+            f"cannot list the images of the Docker engine at {url}: {_reason(exc)}"
+        ) from exc
+    return _Before(tag_id, ids)
+
+
+def _image_id(client: APIClient, name: str) -> str | None:
+    """The ID of the image *name* names, or None (no such image, or the engine said no)."""
+    try:
+        return str(client.inspect_image(name)["Id"])
+    except Exception:
+        return None
+
+
 def load_stream(
     produce: Callable[[BinaryIO], T],
     *,
@@ -220,7 +346,9 @@ def load_stream(
     """Run *produce* (writing a docker-archive naming *repo_tag*) into the engine's load.
 
     Args:
-        produce: writes the whole archive to the stream it is given; its result is returned.
+        produce: writes the whole archive to the stream it is given; its result is returned
+            (an :class:`~ova2img.sinks.image.ImageStats` tells the image ID to remove should
+            the engine refuse the image).
         repo_tag: the ``repo:tag`` the archive names (checked in the engine's answer).
         client: from :func:`connect`.
         url: the engine's URL, for messages.
@@ -229,10 +357,14 @@ def load_stream(
         *produce*'s result and the image ID (``sha256:…``) the tag now names.
 
     Raises:
+        UsageError: the engine would refuse *repo_tag* (before anything is sent).
         SinkError: the engine refused the archive or went away (its message quoted).
-        BaseException: whatever *produce* raised (after the upload was aborted and any image
-            the engine might still have loaded removed).
+        BaseException: whatever *produce* raised, or an interrupt while the engine answers.
+            In every failure the load is undone: the upload is aborted if it can still be,
+            and whatever the engine loaded is removed (see the module's docstring).
     """
+    check_reference(repo_tag)
+    before = _snapshot(client, repo_tag, url)
     q: queue.Queue[object] = queue.Queue(maxsize=QUEUE_CHUNKS)
     answer = _Answer()
 
@@ -275,28 +407,71 @@ def load_stream(
                     break
 
     sender = threading.Thread(target=send, name="ova2img-docker-load", daemon=True)
-    stream = _QueueStream(q, answer, url)
+    queued = _QueueStream(q, answer, url)
+    stream = _HeldTail(queued)
+    # complete: the whole archive may have reached the engine, which may load it whatever
+    # happens next; ended: the end of the body is queued too.
+    complete = ended = False
+    digest: str | None = None
     sender.start()
     try:
         result = produce(cast(BinaryIO, stream))
-        stream._put(_END)
+        if isinstance(result, ImageStats):
+            digest = result.config_digest
+        complete = True
+        stream.finish()
+        queued._put(_END)
+        ended = True
+        # Not sender.join(): a join interrupted by Ctrl-C may leave the thread marked as
+        # stopped while it runs (CPython 3.11, bpo-45274), so that the wait below would not wait.
+        answer.done.wait()
+        reason = answer.failure()
+        if reason is not None:
+            raise SinkError(f"the Docker engine at {url} refused the image: {reason}")
+        try:
+            image_id = str(client.inspect_image(repo_tag)["Id"])
+        except Ova2imgError:  # an interrupt (InterruptError) stays what it is
+            raise
+        except Exception as exc:
+            raise SinkError(
+                f"the Docker engine at {url} did not load {repo_tag}: "
+                f"{'; '.join(answer.loaded()) or 'no image named'} ({_reason(exc)})"
+            ) from exc
     except BaseException:
-        _abort(q, answer)
-        sender.join(_ABORT_WAIT)
-        _remove_if_loaded(client, answer)
+        _settle(q, queued, answer, url, repo_tag, complete=complete, ended=ended)
+        _undo(client, repo_tag, before, answer, digest)
         raise
-    sender.join()
-    reason = answer.failure()
-    if reason is not None:
-        raise SinkError(f"the Docker engine at {url} refused the image: {reason}")
-    try:
-        image_id = str(client.inspect_image(repo_tag)["Id"])
-    except Exception as exc:
-        raise SinkError(
-            f"the Docker engine at {url} did not load {repo_tag}: "
-            f"{'; '.join(answer.loaded()) or 'no image named'} ({_reason(exc)})"
-        ) from exc
     return result, image_id
+
+
+def _settle(
+    q: queue.Queue[object],
+    queued: _QueueStream,
+    answer: _Answer,
+    url: str,
+    repo_tag: str,
+    *,
+    complete: bool,
+    ended: bool,
+) -> None:
+    """After a failure: cut the upload if the archive is not complete (the engine's load then
+    fails), else end it; then wait for the engine's answer, so that what it loaded can be
+    removed. A second interrupt stops the wait."""
+    try:
+        if not complete:
+            _abort(q, answer)
+        elif not ended:
+            with contextlib.suppress(SinkError):  # the engine stopped reading: it answered
+                queued._put(_END)
+        answer.done.wait(_ABORT_WAIT)
+    except KeyboardInterrupt:
+        pass
+    if complete and not answer.done.is_set():
+        log.warning(
+            "the Docker engine at %s did not answer in time; it may still load %s",
+            url,
+            repo_tag,
+        )
 
 
 def _abort(q: queue.Queue[object], answer: _Answer) -> None:
@@ -310,13 +485,39 @@ def _abort(q: queue.Queue[object], answer: _Answer) -> None:
                 q.get_nowait()
 
 
-def _remove_if_loaded(client: APIClient, answer: _Answer) -> None:
-    """After a failed conversion: if the engine loaded something anyway, remove it."""
+def _undo(
+    client: APIClient, repo_tag: str, before: _Before, answer: _Answer, digest: str | None
+) -> None:
+    """After a failure: remove what the load added, give the tag back to the image it named.
+
+    Our image is known by the configuration's digest (the image ID, when the archive was
+    complete), by what the engine said it loaded, or as the image the tag moved to. An image
+    that was there before the load is kept (the load only tagged it).
+    """
+    ours: set[str] = set()
+    if digest is not None:
+        ours.add(digest)
     for name in answer.loaded():
-        try:
-            client.remove_image(name, force=True, noprune=False)
-        except Exception:  # noqa: S112 - best effort, the original error matters
-            continue
+        if name.startswith("sha256:"):
+            ours.add(name)
+        elif name != repo_tag and (found := _image_id(client, name)) is not None:
+            ours.add(found)
+    now = _image_id(client, repo_tag)
+    if now is not None and now != before.tag_id:
+        ours.add(now)
+    for image_id in ours:
+        with contextlib.suppress(Exception):  # best effort: the original error matters
+            if image_id not in before.ids:
+                client.remove_image(image_id, force=True, noprune=False)
+            elif now == image_id and before.tag_id is None:
+                # The image was there, the load only tagged it: untag it. (Were that its only
+                # name, the engine deletes it: it was then an untagged image before.)
+                client.remove_image(repo_tag, noprune=True)
+    if before.tag_id is not None and now != before.tag_id:
+        # The tag named another image, left untagged by the load: it names it again.
+        repo, tag = split_repo_tag(repo_tag)
+        with contextlib.suppress(Exception):
+            client.tag(before.tag_id, repo, tag, force=True)
 
 
-__all__ = ["CHUNK", "QUEUE_CHUNKS", "connect", "engine_url", "load_stream"]
+__all__ = ["CHUNK", "QUEUE_CHUNKS", "check_reference", "connect", "engine_url", "load_stream"]
