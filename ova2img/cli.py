@@ -299,10 +299,51 @@ def _setup_logging(args: argparse.Namespace, stream: TextIO) -> logging.Handler:
     return handler
 
 
+class _PlainProgress:
+    """``--progress`` into a file or a CI log: a plain line every :attr:`EVERY` seconds and
+    one at the end, instead of a terminal's redrawn bar (escape codes, carriage returns)."""
+
+    EVERY = 5.0
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._start = time.monotonic()
+        self._next = self._start + self.EVERY
+        self._done = self._entries = 0
+
+    def __call__(self, done: int, entries: int) -> None:
+        self._done, self._entries = done, entries
+        now = time.monotonic()
+        if now >= self._next:
+            self._next = now + self.EVERY
+            self._line(now)
+
+    def _line(self, now: float) -> None:
+        took = now - self._start
+        rate = self._done / took / 1e6 if took > 0 else 0.0
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.write(
+                f"ova2img: converting: {self._done / 1e6:,.1f} MB, {self._entries:,} entries, "
+                f"{rate:,.1f} MB/s, {took:,.0f} s\n"
+            )
+            self._stream.flush()
+
+    def close(self) -> None:
+        self._line(time.monotonic())
+
+
+def _progress(stream: TextIO, *, force: bool) -> _Progress | _PlainProgress:
+    """The progress display: a live bar on a terminal, plain lines elsewhere (--progress)."""
+    if force and not stream.isatty():
+        return _PlainProgress(stream)
+    return _Progress(stream, force=force)
+
+
 class _Progress:
     """Progress on stderr (rich): file data written, rate, entries, elapsed time.
 
-    Shown when stderr is a terminal, or always with ``--progress``; never with ``-q``.
+    Shown when stderr is a terminal, or always with ``--progress`` (as plain lines, see
+    :class:`_PlainProgress`, when stderr is not a terminal); never with ``-q``.
     """
 
     def __init__(self, stream: TextIO, *, force: bool) -> None:
@@ -375,9 +416,9 @@ def _cmd_convert(args: argparse.Namespace, stderr: TextIO) -> int:
         raise UsageError("--lenient works with --format rootfs for now")
     if args.docker or args.format != "rootfs":
         return _convert_image(args, stderr)
-    progress: _Progress | None = None
+    progress: _Progress | _PlainProgress | None = None
     if not args.quiet and (args.progress or stderr.isatty()):
-        progress = _Progress(stderr, force=args.progress)
+        progress = _progress(stderr, force=args.progress)
     try:
         result = api.convert(
             args.sources,
@@ -432,9 +473,9 @@ def _convert_image(args: argparse.Namespace, stderr: TextIO) -> int:
         "whiteouts": args.whiteouts or "keep",
         "report": args.report,
     }
-    progress: _Progress | None = None
+    progress: _Progress | _PlainProgress | None = None
     if not args.quiet and (args.progress or stderr.isatty()):
-        progress = _Progress(stderr, force=args.progress)
+        progress = _progress(stderr, force=args.progress)
     try:
         if args.docker:
             engine = images.convert_to_engine(

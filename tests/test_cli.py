@@ -234,3 +234,15 @@ def test_image_only_options_with_a_rootfs_output_are_usage_errors(tmp_path: Path
     done = _cli("convert", str(DEMO), "--dry-run", "--report", str(tmp_path / "r.json"))
     assert done.returncode == 2 and "--dry-run" in _one_line(done.stderr)
     assert not out.exists()
+
+
+def test_progress_into_a_log_is_plain_lines(tmp_path: Path) -> None:
+    # --progress when stderr is a file (a CI log): plain lines, no escape codes or redraws
+    log_path = tmp_path / "log.txt"
+    with log_path.open("w") as log:
+        argv = ["convert", str(DEMO), "-o", str(tmp_path / "o.tar"), "--progress"]
+        done = subprocess.run([sys.executable, "-m", "ova2img", *argv], stderr=log, check=False)
+    assert done.returncode == 0
+    text = log_path.read_text()
+    assert "\x1b" not in text and "\r" not in text
+    assert "ova2img: converting: " in text and " entries, " in text
