@@ -392,8 +392,9 @@ def convert_to_engine(
                     layer_size=size,
                 )
 
-            stats, image_id = load_stream(produce, repo_tag=tag, client=client, url=url)
-            layer.write_report()
+            stats, image_id = load_stream(
+                produce, repo_tag=tag, client=client, url=url, finish=layer.write_report
+            )
     finally:
         client.close()
     return EngineResult(

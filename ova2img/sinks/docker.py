@@ -342,6 +342,7 @@ def load_stream(
     repo_tag: str,
     client: APIClient,
     url: str,
+    finish: Callable[[], object] | None = None,
 ) -> tuple[T, str]:
     """Run *produce* (writing a docker-archive naming *repo_tag*) into the engine's load.
 
@@ -352,6 +353,8 @@ def load_stream(
         repo_tag: the ``repo:tag`` the archive names (checked in the engine's answer).
         client: from :func:`connect`.
         url: the engine's URL, for messages.
+        finish: the caller's last step once the engine holds the image (writing a report):
+            run inside the clean-up, so that its failure or an interrupt undoes the load too.
 
     Returns:
         *produce*'s result and the image ID (``sha256:…``) the tag now names.
@@ -437,6 +440,8 @@ def load_stream(
                 f"the Docker engine at {url} did not load {repo_tag}: "
                 f"{'; '.join(answer.loaded()) or 'no image named'} ({_reason(exc)})"
             ) from exc
+        if finish is not None:
+            finish()
     except BaseException:
         _settle(q, queued, answer, url, repo_tag, complete=complete, ended=ended)
         _undo(client, repo_tag, before, answer, digest)

@@ -224,3 +224,27 @@ def test_uppercase_repository_is_a_usage_error_before_any_upload(
         check=True,
     ).stdout
     assert not [json.loads(line) for line in out.splitlines() if "UPPER" in line]
+
+
+def test_interrupt_while_the_report_is_written_removes_the_image(
+    docker_host: str,
+    docker_client: docker.DockerClient,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """--report is written once the engine holds the image, inside the clean-up: Ctrl-C
+    there undoes the load too."""
+    from ova2img import report as reportmod
+
+    name = _unique()
+    before = _ids(docker_client)
+
+    def write(self: object, path: object) -> None:
+        assert _tag_id(docker_client, name) is not None  # the engine holds it now
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reportmod.Ledger, "write", write)
+    with pytest.raises(KeyboardInterrupt):
+        convert_to_engine(DEMO, name, docker_host=docker_host, report=tmp_path / "r.json")
+    assert _tag_id(docker_client, name) is None
+    assert _ids(docker_client) == before
