@@ -93,8 +93,11 @@ class Guest:
 
         Raises:
             FileNotFoundError: *path* does not exist in the guest.
+            NotADirectoryError: *path* is not a directory.
         """
         start = self.resolve(path) if path is not None else b""
+        if start and self.stat(start).entry.type is not EntryType.DIR:
+            raise NotADirectoryError(f"{start.decode(errors='replace')}: not a directory")
         return walk_tree(self.mounts, exclude=exclude, start=start, lenient=lenient)
 
     def resolve(self, path: str | bytes, *, follow: bool = True) -> bytes:
@@ -633,9 +636,14 @@ def guest_path(guest: Guest, path: str | bytes | None) -> bytes | None:
     if path is None:
         return None
     try:
-        return guest.resolve(path)
+        resolved = guest.resolve(path)
+        if guest.stat(resolved).entry.type is not EntryType.DIR:
+            # a tree's root is a directory: a file there would become "./" in the tarball
+            shown = path.decode(errors="replace") if isinstance(path, bytes) else path
+            raise AssemblyError(f"--path {shown}: not a directory in the guest")
     except FileNotFoundError as exc:
         raise AssemblyError(str(exc)) from None
+    return resolved
 
 
 class _Counter:

@@ -401,11 +401,25 @@ def _cmd_convert(args: argparse.Namespace, stderr: TextIO) -> int:
     if args.dry_run and args.report:
         raise UsageError("--dry-run writes nothing, not even --report: drop one of them")
     if args.dry_run:
-        from .profile import dry_run, select_operations
-
-        chosen = select_operations(args.profile, args.op, args.no_op)
+        # The same plan as the conversion (profile operations, --ids, --drop-devices,
+        # --whiteouts, and their checks, --path included), walked without writing: the lines
+        # are what --report would record.
+        ready = api.ReadyOptions(
+            args.profile,
+            args.op,
+            args.no_op,
+            args.ids,
+            "drop" if args.drop_devices else "keep",
+            args.whiteouts or "keep",
+        )
+        ready.check(args.path)
         with _open_guest(args, args.sources) as guest:
-            for line in dry_run(guest, chosen, exclude=args.exclude):
+            plan = ready.plan(guest, args.path)
+            ledger = plan.ledger()
+            walk = guest.walk(exclude=args.exclude, path=api.guest_path(guest, args.path))
+            for _ in plan.apply(guest, walk, ledger):
+                pass
+            for line in ledger.lines():
                 sys.stdout.write(line + "\n")
         return 0
     if args.docker and args.output:

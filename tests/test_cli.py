@@ -246,3 +246,15 @@ def test_progress_into_a_log_is_plain_lines(tmp_path: Path) -> None:
     text = log_path.read_text()
     assert "\x1b" not in text and "\r" not in text
     assert "ova2img: converting: " in text and " entries, " in text
+
+
+def test_path_naming_a_file_is_refused(tmp_path: Path) -> None:
+    # a tree's root must be a directory: a file there became "./" as a regular file, which
+    # tar extracts over the target directory itself
+    out = tmp_path / "p.tar"
+    done = _cli("convert", str(DEMO), "--path", "/etc/fstab", "-o", str(out))
+    assert done.returncode == 1
+    assert "not a directory" in _one_line(done.stderr)
+    assert not out.exists()
+    with ova2img.open(DEMO) as guest, pytest.raises(NotADirectoryError):
+        guest.walk(path="/etc/fstab")

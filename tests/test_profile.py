@@ -345,3 +345,36 @@ def test_hardlinked_emptied_names_stay_linked(seed: Seed, tmp_path: Path) -> Non
     assert tree.groups["/var/log/hl-log"] == frozenset({"/var/log/hl-log", "/var/log/hl-twin"})
     assert tree.resolved("/var/log/hl-twin").size == 0
     assert tree.resolved("/srv/hl-keep").size == len(b"shared inode\n")
+
+
+def test_dry_run_lists_what_the_report_records(
+    seed: Seed, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # --dry-run plans what the conversion plans: --ids, --drop-devices and --whiteouts
+    # included (it listed the profile's operations only), line for line what --report holds.
+    from ova2img.cli import main
+
+    flags = ["--profile", "container", "--ids", "remap", "--drop-devices", "--whiteouts", "rename"]
+    assert main(["convert", str(seed.ova), "--dry-run", *flags]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    report = tmp_path / "r.json"
+    out = tmp_path / "out.tar"
+    assert (
+        main(["convert", str(seed.ova), "-o", str(out), "-q", "--report", str(report), *flags]) == 0
+    )
+    recorded = ova2img_report_lines(report)
+    assert listed == recorded
+    assert any("remap" in line or "ids" in line for line in listed)
+    assert any("dev" in line for line in listed)
+
+
+def ova2img_report_lines(path: Path) -> list[str]:
+    """The report's changes as Change.line() writes them (from the JSON fields)."""
+    lines = []
+    for c in json.loads(path.read_text())["changes"]:
+        extra = [c["detail"]] if c.get("detail") else []
+        if c.get("entries", 1) > 1:
+            extra.append(f"{c['entries']} entries")
+        tail = f" ({', '.join(extra)})" if extra else ""
+        lines.append(f"{c['operation']}: {c['action']} {c['path']}{tail}")
+    return lines
