@@ -15,13 +15,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from .api import PathLike, guest_path
 from .api import open as open_guest
 from .assembly import TreeItem
 from .errors import Ova2imgError
 from .filesystems.base import EntryType
+from .sinks.tar import HARDLINKED_TYPES
 
 _CHUNK = 1 << 20
 _XATTR = "SCHILY.xattr."
@@ -78,15 +79,29 @@ def _mtime_ns(member: tarfile.TarInfo) -> int:
 @contextmanager
 def _open_tar(path: str) -> Iterator[tarfile.TarFile]:
     with open(path, "rb") as raw:
-        magic = raw.read(4)
+        magic = raw.read(6)
         raw.seek(0)
         fileobj: BinaryIO = raw
-        if magic == b"\x28\xb5\x2f\xfd":
+        # Decompressed here rather than by tarfile's stream mode, which takes a cut-off
+        # gzip stream for its end: these readers raise EOFError on a truncated one.
+        if magic.startswith(b"\x28\xb5\x2f\xfd"):
             import zstandard
 
             fileobj = zstandard.ZstdDecompressor().stream_reader(raw)
+        elif magic.startswith(b"\x1f\x8b"):
+            import gzip
+
+            fileobj = cast(BinaryIO, gzip.GzipFile(fileobj=raw))
+        elif magic.startswith(b"BZh"):
+            import bz2
+
+            fileobj = cast(BinaryIO, bz2.BZ2File(raw))
+        elif magic.startswith(b"\xfd7zXZ\x00"):
+            import lzma
+
+            fileobj = cast(BinaryIO, lzma.LZMAFile(raw))  # noqa: SIM115 - closed with raw
         with tarfile.open(
-            fileobj=fileobj, mode="r|*", encoding="utf-8", errors="surrogateescape"
+            fileobj=fileobj, mode="r|", encoding="utf-8", errors="surrogateescape"
         ) as tf:
             yield tf
 
@@ -230,6 +245,13 @@ def verify(
                         "the same inode in the image"
                     )
             else:
+                if earlier and item.entry.type in HARDLINKED_TYPES:
+                    # tar links every later name of a file or symlink to the first one
+                    first = _show(min(earlier))
+                    diffs.append(
+                        f"{where}: a separate member in the tarball, a hardlink of {first} "
+                        "in the image"
+                    )
                 diffs.extend(compare_item(item, m))
             if linked:
                 earlier.add(item.path)

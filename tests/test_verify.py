@@ -84,3 +84,45 @@ def test_unreadable_tarball_is_exit_1(tmp_path: Path, capsys: pytest.CaptureFixt
     junk.write_bytes(b"not a tar at all" * 100)
     assert main(["verify", str(DEMO), str(junk)]) == 1
     assert capsys.readouterr().err.startswith("ova2img: error: verify: ")
+
+
+def test_a_hardlink_written_as_a_separate_file_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+    import subprocess
+
+    stage = tmp_path / "stage"
+    (stage / "etc").mkdir(parents=True)
+    (stage / "etc" / "fstab").write_text("")
+    (stage / "a").write_bytes(b"one inode, two names\n")
+    os.link(stage / "a", stage / "b")
+    img = tmp_path / "fs.ext4"
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", stage, img, "8M"], check=True)
+    good, bad = tmp_path / "good.tar", tmp_path / "bad.tar"
+    assert main(["convert", str(img), "-o", str(good), "-q"]) == 0
+    assert main(["verify", str(img), str(good)]) == 0
+    with tarfile.open(good) as tin, tarfile.open(bad, "w", format=tarfile.PAX_FORMAT) as tout:
+        for m in tin:
+            if m.islnk():  # ./b as a file of its own, same content
+                m.type, m.linkname = tarfile.REGTYPE, ""
+                data = (stage / "a").read_bytes()
+                m.size = len(data)
+                tout.addfile(m, io.BytesIO(data))
+            else:
+                tout.addfile(m, tin.extractfile(m) if m.isfile() else None)
+    capsys.readouterr()
+    assert main(["verify", str(img), str(bad)]) == 3
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["/b: a separate member in the tarball, a hardlink of /a in the image"], out
+
+
+def test_a_cut_off_compressed_tarball_is_unreadable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    whole = tmp_path / "t.tar.gz"
+    assert main(["convert", str(DEMO), "-o", str(whole), "-q"]) == 0
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(whole.read_bytes()[:1500])
+    assert main(["verify", str(DEMO), str(cut)]) == 1
+    assert "cannot read the tarball" in capsys.readouterr().err
