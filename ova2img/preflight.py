@@ -184,6 +184,8 @@ class PreflightReport:
         def finding(title: str, f: Finding) -> None:
             lines.append(f"{title}: {f.count}")
             lines.extend(f"  {e}" for e in f.examples)
+            if f.count > len(f.examples):
+                lines.append(f"  … and {f.count - len(f.examples)} more")
 
         finding("ids above 65535", self.big_ids)
         finding("device nodes", self.devices)

@@ -208,3 +208,14 @@ def test_remapped_ids_import_under_userns_remap(seed: Seed, tmp_path: Path) -> N
             "bigu:x:65533:65533:big:/nonexistent:/bin/false",
             "0",
         ]
+
+
+def test_text_says_how_many_examples_are_left_out() -> None:
+    from ova2img.preflight import PreflightReport
+
+    report = PreflightReport()
+    for i in range(7):
+        report.big_ids.add(b"f%d" % i, "x")
+    lines = report.to_text().splitlines()
+    at = lines.index("ids above 65535: 7")
+    assert lines[at + 1 : at + 7] == [*(f"  /f{i} (x)" for i in range(5)), "  … and 2 more"]
