@@ -105,11 +105,16 @@ def parse_manifest(data: bytes, label: str) -> list[Digest]:
 
 
 def coverage(digests: list[Digest], names: list[str], label: str) -> str:
-    """``"verified"`` when the manifest lists every one of *names* (the package's files), else
-    ``"partial"``, with a warning naming what it leaves out (their digests were not checked;
-    ovftool warns about such a manifest too)."""
+    """``"verified"`` when the manifest lists every one of *names* (the package's files; the
+    manifest and a certificate among them need no digest), else ``"partial"``, with a warning
+    naming what it leaves out (their digests were not checked; ovftool warns about such a
+    manifest too)."""
     listed = {posixpath.normpath(d.name) for d in digests}
-    missing = [n for n in names if posixpath.normpath(n) not in listed]
+    missing = [
+        n
+        for n in names
+        if posixpath.normpath(n) not in listed and not n.lower().endswith((".mf", ".cert"))
+    ]
     if not missing:
         return "verified"
     log.warning(
@@ -122,7 +127,7 @@ def coverage(digests: list[Digest], names: list[str], label: str) -> str:
 
 
 def hash_stream(fh: BinaryIO, algorithm: str) -> str:
-    """Hex digest of everything ``fh`` reads from its start, read in 1 MiB chunks."""
+    """Hex digest of everything ``fh`` reads from its start, read :data:`CHUNK` at a time."""
     h = hashlib.new(algorithm)
     fh.seek(0)
     while True:

@@ -109,11 +109,7 @@ def check_manifest(
         return window(m)
 
     verify_digests(digests, open_member, label)
-    package = [
-        m.name
-        for m in members.values()
-        if m.kind == "file" and not m.name.lower().endswith((".mf", ".cert"))
-    ]
+    package = [m.name for m in members.values() if m.kind == "file"]
     return coverage(digests, package, label), certificate
 
 

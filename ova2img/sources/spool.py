@@ -415,11 +415,7 @@ def _tar(
     if manifest_seen:
         status = "skipped"
         if verify and digests is not None:
-            package = [
-                n
-                for n, m in members.items()
-                if m.kind == "file" and not n.lower().endswith((".mf", ".cert"))
-            ]
+            package = [n for n, m in members.items() if m.kind == "file"]
             status = coverage(list(digests.values()), package, name)
     spooled = {k: m for k, m in members.items() if m.kind != "skipped"}
 
