@@ -381,6 +381,19 @@ class _Progress:
         self._progress.stop()
 
 
+def _ready_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The container-ready options as :class:`ova2img.api.ReadyOptions` (and
+    :func:`ova2img.convert`) name them."""
+    return {
+        "profile": args.profile,
+        "ops": args.op,
+        "no_ops": args.no_op,
+        "ids": args.ids,
+        "devices": "drop" if args.drop_devices else "keep",
+        "whiteouts": args.whiteouts or "keep",
+    }
+
+
 def _cmd_convert(args: argparse.Namespace, stderr: TextIO) -> int:
     if not args.docker and args.format == "rootfs":
         # options that only an image has a place for: say so rather than drop them
@@ -404,14 +417,7 @@ def _cmd_convert(args: argparse.Namespace, stderr: TextIO) -> int:
         # The same plan as the conversion (profile operations, --ids, --drop-devices,
         # --whiteouts, and their checks, --path included), walked without writing: the lines
         # are what --report would record.
-        ready = api.ReadyOptions(
-            args.profile,
-            args.op,
-            args.no_op,
-            args.ids,
-            "drop" if args.drop_devices else "keep",
-            args.whiteouts or "keep",
-        )
+        ready = api.ReadyOptions(**_ready_options(args))
         ready.check(args.path)
         with _open_guest(args, args.sources) as guest:
             plan = ready.plan(guest, args.path)
@@ -444,12 +450,7 @@ def _cmd_convert(args: argparse.Namespace, stderr: TextIO) -> int:
             verify_manifest=not args.no_manifest_check,
             allow_external=args.allow_external_files,
             on_progress=progress,
-            profile=args.profile,
-            ops=args.op,
-            no_ops=args.no_op,
-            ids=args.ids,
-            devices="drop" if args.drop_devices else "keep",
-            whiteouts=args.whiteouts or "keep",
+            **_ready_options(args),
             report=args.report,
             lenient=args.lenient,
         )
@@ -479,12 +480,7 @@ def _convert_image(args: argparse.Namespace, stderr: TextIO) -> int:
         "use_fstab": not args.no_fstab,
         "verify_manifest": not args.no_manifest_check,
         "allow_external": args.allow_external_files,
-        "profile": args.profile,
-        "ops": args.op,
-        "no_ops": args.no_op,
-        "ids": args.ids,
-        "devices": "drop" if args.drop_devices else "keep",
-        "whiteouts": args.whiteouts or "keep",
+        **_ready_options(args),
         "report": args.report,
     }
     progress: _Progress | _PlainProgress | None = None
