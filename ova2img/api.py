@@ -509,10 +509,9 @@ def convert(
                     out,
                     on_warning=lambda message: log.warning("%s", message),
                     on_progress=counter.data if on_progress else None,
-                    # A second writer process, except in lenient mode (its warnings about
-                    # unreadable content would come from that process).
+                    # A second process reading content, except in lenient mode (whose items
+                    # read their own content, to fill what fails with zeros).
                     workers=1 if lenient else 2,
-                    child_setup=counter.silence,
                 )
                 if ledger is not None and report is not None:
                     # before the output is committed: a report that cannot be written fails
@@ -666,10 +665,6 @@ class _Counter:
             yield item
         if self.callback is not None:
             self.callback(self.bytes, self.entries)
-
-    def silence(self) -> None:
-        """No more callbacks (in the second writer process, which walks a copy of the tree)."""
-        self.callback = None
 
     def data(self, done: int) -> None:
         self.bytes = done

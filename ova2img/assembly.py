@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, cast
 
 from .errors import AssemblyError, DiskError, FilesystemError, Ova2imgError, VolumeError
-from .filesystems.base import DataRun, Entry, EntryType, Filesystem
+from .filesystems.base import DataRun, Entry, EntryType, Filesystem, Piece
 from .volumes.base import Volume
 
 
@@ -40,6 +40,11 @@ class TreeItem:
     def open(self) -> BinaryIO:
         """A stream over a regular file's content."""
         return self.fs.open(self.handle)
+
+    def content_pieces(self) -> tuple[int, list[Piece]] | None:
+        """Where a regular file's content lies, to read with ``fs.read_piece``, or ``None``
+        (see :meth:`Filesystem.content_pieces`)."""
+        return self.fs.content_pieces(self.handle)
 
     def read_content(self) -> bytes | None:
         """A regular file's whole content in one call, or ``None``: use :meth:`open` (see
@@ -651,8 +656,11 @@ class _LenientItem(TreeItem):
     __slots__ = ("report",)
     report: _Leniency
 
-    def read_content(self) -> None:
+    def content_pieces(self) -> None:
         return None  # always through open(): its stream fills what cannot be read with zeros
+
+    def read_content(self) -> None:
+        return None
 
     def open(self) -> BinaryIO:
         try:

@@ -611,7 +611,6 @@ class _Layer:
             on_progress=counter.data if on_progress else None,
             sparse=False,
             workers=2,
-            child_setup=counter.silence,
         )
 
     def write_report(self) -> None:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import enum
 import stat
 import struct
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO, Protocol, TypeVar
+from typing import BinaryIO, Protocol, Self, TypeVar
 
 from ..errors import FilesystemError, Ova2imgError
 
@@ -147,6 +148,22 @@ def inode_entry(ino: InodeFields, inum: int) -> Entry | None:
 DataRun = tuple[int, int]
 """``(offset, length)`` of a stretch of a file that holds data; everything else reads as zeros."""
 
+Piece = tuple[int, int]
+"""``(offset, length)`` of a stretch of a file's content where the adapter reads it (its own
+address space: a byte offset of the volume for ext and XFS, a logical address for btrfs), for
+:meth:`Filesystem.read_piece`."""
+
+#: every filesystem object alive in this process (see :func:`live_filesystems`)
+_LIVE: weakref.WeakSet[Filesystem] = weakref.WeakSet()
+
+
+def live_filesystems() -> dict[int, Filesystem]:
+    """Every :class:`Filesystem` object alive now, by ``id()``: a process forked after this call
+    holds the same objects under the same ids, so a piece of content can be named to it by
+    ``(id(fs), token, offset, length)`` (see :mod:`ova2img.sinks.split`). The dict holds them
+    alive, so no id is reused while it is kept."""
+    return {id(fs): fs for fs in list(_LIVE)}
+
 
 class Filesystem(ABC):
     """A mounted-read-only view of one filesystem, addressed by inode handles.
@@ -162,6 +179,12 @@ class Filesystem(ABC):
     uuid: str | None = None
     #: filesystem label (``LABEL=`` in fstab), or ``None``
     label: str | None = None
+
+    def __new__(cls, *args: object, **kwargs: object) -> Self:
+        """Every filesystem object is known to :func:`live_filesystems`."""
+        self = super().__new__(cls)
+        _LIVE.add(self)
+        return self
 
     @abstractmethod
     def root(self) -> object:
@@ -182,13 +205,36 @@ class Filesystem(ABC):
     def open(self, handle: object) -> BinaryIO:
         """A seekable stream over the content of a regular file."""
 
+    def content_pieces(self, handle: object) -> tuple[int, list[Piece]] | None:
+        """Where the whole content of a regular file lies, when it is plain stored bytes
+        without holes (most files): ``(token, pieces)``, the content being the pieces read
+        with :meth:`read_piece` (each may be read in parts) one after the other, their
+        lengths adding up to the file's size. ``None`` for anything else (holes, preallocated
+        stretches, inline or compressed data, an empty file): the caller uses
+        :meth:`read_content` or :meth:`open`.
+
+        Finding the pieces costs only metadata; reading them is the disk work (inflating
+        grains), which the tar writer can hand to another process."""
+        return None
+
+    def read_piece(self, token: int, offset: int, length: int) -> bytes:
+        """Exactly *length* bytes at *offset* of a piece that :meth:`content_pieces` gave with
+        *token* (which names the file in error messages)."""
+        raise FilesystemError(f"{self.fstype or 'this'} filesystem has no content pieces")
+
     def read_content(self, handle: object) -> bytes | None:
         """The whole content of a regular file without holes, read in one call, when the
-        adapter has a quicker way than :meth:`open` (a file in one extent); ``None`` when it
-        has not, and the caller opens the file. Either way the bytes are the same. A file
-        with holes or preallocated stretches always gets ``None``: content returned here is
-        dense, and the caller need not ask for its :meth:`data_runs`."""
-        return None
+        adapter has a quicker way than :meth:`open` (its :meth:`content_pieces`, inline data);
+        ``None`` when it has not, and the caller opens the file. Either way the bytes are the
+        same. A file with holes or preallocated stretches always gets ``None``: content
+        returned here is dense, and the caller need not ask for its :meth:`data_runs`."""
+        found = self.content_pieces(handle)
+        if found is None:
+            return None
+        token, pieces = found
+        if len(pieces) == 1:
+            return self.read_piece(token, *pieces[0])
+        return b"".join([self.read_piece(token, offset, n) for offset, n in pieces])
 
     def data_runs(self, handle: object) -> list[DataRun] | None:
         """The stretches of a regular file that hold data, merged and sorted, or ``None``

@@ -47,6 +47,7 @@ from .base import (
     Entry,
     EntryType,
     Filesystem,
+    Piece,
     decode_guarded,
 )
 
@@ -865,9 +866,27 @@ class BtrfsFilesystem(Filesystem):
         """A seekable stream over the content of a regular file (or a symlink's target)."""
         return self._on_handle(self._open, handle)
 
+    def content_pieces(self, handle: object) -> tuple[int, list[Piece]] | None:
+        """A regular file whose plain (uncompressed, not inline) extents cover it without a
+        gap: ``(token, [(logical address, length), …])``; the token is the subvolume and inode
+        (``tree << 64 | inode``)."""
+        return self._on_handle(self._content_pieces, handle)
+
+    def read_piece(self, token: int, offset: int, length: int) -> bytes:
+        """*length* bytes at logical address *offset*, a piece of the content of the file that
+        *token* names."""
+        try:
+            return self._core.read_logical(offset, length)
+        except Ova2imgError:
+            raise
+        except _DECODE_ERRORS as exc:
+            tree, ino = divmod(token, 1 << 64)
+            what = self._what(BtrfsHandle(tree, ino))
+            raise FilesystemError(f"{what}: {exc}", obj=self._name) from exc
+
     def read_content(self, handle: object) -> bytes | None:
-        """A regular file without holes: its content straight from its extents, without a
-        stream object."""
+        """A regular file without holes: its content straight from its extents (inline and
+        compressed ones too), without a stream object."""
         return self._on_handle(self._read_content, handle)
 
     def data_runs(self, handle: object) -> list[DataRun] | None:
@@ -1005,6 +1024,26 @@ class BtrfsFilesystem(Filesystem):
         if pos < size:
             return None  # ends in a hole
         return _read_extents(core, extents, [e.file_offset for e in extents], size, 0, size)
+
+    def _content_pieces(self, h: BtrfsHandle) -> tuple[int, list[Piece]] | None:
+        if h.stub_parent:
+            return None
+        core = self._core
+        ino = core.inode(h.tree, h.ino)
+        size = ino.size
+        if ino.mode & 0o170000 != _stat.S_IFREG or not size:
+            return None
+        pieces: list[Piece] = []
+        done = 0  # bytes of the file covered so far
+        for ext in core.extents(h.tree, h.ino):
+            if ext.kind != "reg" or ext.compression or ext.file_offset != done:
+                return None  # holes, inline or compressed data: read_content() or open()
+            n = min(ext.length, size - done)
+            pieces.append((ext.disk_bytenr + ext.extent_offset, n))
+            done += n
+            if done >= size:
+                return h.tree << 64 | h.ino, pieces
+        return None  # ends in a hole
 
     def _data_runs(self, h: BtrfsHandle) -> list[DataRun] | None:
         if h.stub_parent:

@@ -37,6 +37,7 @@ from .base import (
     Entry,
     EntryType,
     Filesystem,
+    Piece,
     decode_guarded,
     inode_entry,
     inode_label,
@@ -448,11 +449,21 @@ class ExtFilesystem(Filesystem):
         """A seekable stream over the content of a regular file (or directory, symlink)."""
         return self._on_inode(self._open, handle)
 
-    def read_content(self, handle: object) -> bytes | None:
-        """A regular file in one written extent from block 0 (most files): its content with
-        one read of the volume, without a stream object (a quarter of the per-file cost of
-        reading a small file)."""
-        return self._on_inode(self._read_content, handle)
+    def content_pieces(self, handle: object) -> tuple[int, list[Piece]] | None:
+        """A regular file whose written extents cover it from block 0 without a gap (most
+        files): ``(inode number, [(volume offset, length), …])``; reading a piece is one read
+        of the volume, without a stream object (a quarter of the per-file cost of reading a
+        small file)."""
+        return self._on_inode(self._content_pieces, handle)
+
+    def read_piece(self, token: int, offset: int, length: int) -> bytes:
+        """*length* bytes of the volume at *offset*, a piece of inode *token*'s content."""
+        try:
+            return self._read(offset, length)
+        except Ova2imgError:
+            raise
+        except _DECODE_ERRORS as exc:
+            raise FilesystemError(f"{inode_label(token)}: {exc}", obj=self._name) from exc
 
     def data_runs(self, handle: object) -> list[DataRun] | None:
         """Byte ranges of a file that hold data, merged, sorted and clipped to its size.
@@ -798,19 +809,31 @@ class ExtFilesystem(Filesystem):
         stream = RunlistReader(self._fh, self._runlist(ino), ino.size, self.block_size).as_binary()
         return stream
 
-    def _read_content(self, inum: int) -> bytes | None:
+    def _content_pieces(self, inum: int) -> tuple[int, list[Piece]] | None:
         ino = self._inode(inum)
         if ino.mode & 0o170000 != _stat.S_IFREG or ino.flags & _INLINE_DATA_FL:
             return None
-        extents = self._runs_cache(inum)
         size = ino.size
-        if len(extents) != 1 or not size:
+        if not size:
             return None
-        ext = extents[0]
         bs = self.block_size
-        if ext.logical or ext.unwritten or ext.length * bs < size:
-            return None  # holes, or zeros to add: the stream does that
-        return self._read(ext.physical * bs, size)
+        extents = self._runs_cache(inum)
+        if len(extents) == 1:  # most files
+            ext = extents[0]
+            if ext.logical or ext.unwritten or ext.length * bs < size:
+                return None  # holes, or zeros to add: the stream does that
+            return inum, [(ext.physical * bs, size)]
+        pieces: list[Piece] = []
+        done = 0  # bytes of the file covered so far
+        for ext in extents:
+            if ext.logical * bs != done or ext.unwritten:
+                return None
+            n = min(ext.length * bs, size - done)
+            pieces.append((ext.physical * bs, n))
+            done += n
+            if done >= size:
+                return inum, pieces
+        return None  # ends in a hole
 
     def _data_runs(self, inum: int) -> list[DataRun] | None:
         ino = self._inode(inum)

@@ -40,6 +40,7 @@ from .base import (
     Entry,
     EntryType,
     Filesystem,
+    Piece,
     decode_guarded,
     inode_entry,
     inode_label,
@@ -453,10 +454,20 @@ class XfsFilesystem(Filesystem):
         """A seekable stream over the content of a regular file; unwritten extents are zeros."""
         return self._on_inode(self._open, handle)
 
-    def read_content(self, handle: object) -> bytes | None:
-        """A regular file in one written extent from block 0 (most files): its content with
-        one read of the volume, without a stream object."""
-        return self._on_inode(self._read_content, handle)
+    def content_pieces(self, handle: object) -> tuple[int, list[Piece]] | None:
+        """A regular file whose written extents cover it from block 0 without a gap (most
+        files): ``(inode number, [(volume offset, length), …])``, each piece one read of the
+        volume."""
+        return self._on_inode(self._content_pieces, handle)
+
+    def read_piece(self, token: int, offset: int, length: int) -> bytes:
+        """*length* bytes of the volume at *offset*, a piece of inode *token*'s content."""
+        try:
+            return self._read(offset, length)
+        except Ova2imgError:
+            raise
+        except _DECODE_ERRORS as exc:
+            raise FilesystemError(f"{inode_label(token)}: {exc}", obj=self._name) from exc
 
     def data_runs(self, handle: object) -> list[DataRun] | None:
         """Byte ranges of a regular file that hold data, merged, sorted, clipped to its size.
@@ -991,19 +1002,25 @@ class XfsFilesystem(Filesystem):
         stream = RunlistReader(self._fh, runs, ino.size, bs).as_binary()
         return stream
 
-    def _read_content(self, inum: int) -> bytes | None:
+    def _content_pieces(self, inum: int) -> tuple[int, list[Piece]] | None:
         ino = self._inode(inum)
-        if ino.mode & 0o170000 != _stat.S_IFREG or ino.format == _FMT_LOCAL or not ino.size:
+        size = ino.size
+        if ino.mode & 0o170000 != _stat.S_IFREG or ino.format == _FMT_LOCAL or not size:
             return None
         self._check_regular(ino)
         extents = self._map_cache(inum, False)
-        if not extents:
-            return None
-        ext = extents[0]
         bs = self.block_size
-        if ext.logical or ext.unwritten or ext.length * bs < ino.size:
-            return None  # holes, or zeros to add: the stream does that
-        return self._read(ext.physical * bs, ino.size)
+        pieces: list[Piece] = []
+        done = 0  # bytes of the file covered so far
+        for ext in extents:
+            if ext.logical * bs != done or ext.unwritten:
+                return None  # holes, or zeros to add: the stream does that
+            n = min(ext.length * bs, size - done)
+            pieces.append((ext.physical * bs, n))
+            done += n
+            if done >= size:
+                return inum, pieces
+        return None  # no extents, or ends in a hole
 
     def _data_runs(self, inum: int) -> list[DataRun] | None:
         ino = self._inode(inum)

@@ -1,34 +1,51 @@
-"""Writing one tar archive with two processes: the second core at work, the output unchanged.
+"""Writing one tar archive with two processes: the second core reads file content, the output
+is unchanged.
 
-Converting is Python work per entry (stat, tar headers, reading and inflating the content) that
-one process does one item at a time. :func:`write_tar_split` forks a second writer once the
-guest is open. Both processes walk the same tree (each its own copy of the walk, as the fork
-left it) and cut it into the same batches (by item count and content bytes, from metadata
-alone); each writes the members of every other batch and only *accounts* for the others (the
-hardlink table and the counts advance exactly as when writing, without reading any content).
-The first process writes its batches to the output and, at the place of each of the second's
-batches, copies that batch's bytes from a pipe. The archive is byte for byte the one a single
-process writes.
+Converting is Python work per entry (walking the tree, decoding inodes, making tar headers)
+and disk work per byte (reading extents, inflating VMDK grains). :func:`write_tar_split` forks
+a second process, the *reader*, once the guest is open. The first process walks the tree and
+writes the whole archive, as one process would; for the content of a file whose data is plain
+stored bytes (:meth:`~ova2img.filesystems.base.Filesystem.content_pieces`) it may, instead of
+reading a piece itself, ask the reader for it by ``(filesystem, token, offset, length)``: the
+reader holds the same filesystem objects (inherited at the fork), reads the piece and sends it
+back. The writer goes on with the next entries meanwhile, and puts each piece at its place in
+the archive when it arrives: the archive is byte for byte the one a single process writes.
 
-The second process only reads the guest: every regular file it inherited is reopened
-read-only with its own file offset (``/proc/self/fd``), so its reads never move the first's
-offsets. A thread of its own writes its finished batches to the pipe while it goes on with the
-next (at most :data:`AHEAD` buffers of :data:`BATCH_BUFFER` bytes wait), it ignores
-SIGINT (the first process handles Ctrl-C), and ends when the first closes the pipe or exits.
-An error it meets in one of its batches (a corrupt extent, a truncated grain) is raised again
-by the first process, with the same class and message, where that batch begins in the archive.
+Nothing is done twice: the tree is walked once, each piece is read once. The writer balances
+the work itself: it asks the reader for pieces while fewer than :data:`AHEAD_BYTES` bytes (or
+:data:`AHEAD_PIECES` pieces) are on their way, and reads the next piece itself otherwise, so
+small files (the walk is most of the work) and large ones (reading is) both keep the two cores
+busy. Its own bytes wait behind a missing piece (at most :data:`HELD_BYTES` of them).
+
+The reader also makes tar headers when it has time (the writer sends a member's fields; a
+header with PAX records costs more than sending them). Its answers' bytes go into memory the
+two processes share (a ring of :data:`RING_BYTES`; copying is not free on a small VM), and
+only their lengths through a pipe; the writer tells the reader, with its next requests, how
+far it has taken them, and the reader never overwrites what the writer has not taken.
+
+The reader only reads the guest: every regular file it inherited is reopened read-only with
+its own file offset (``/proc/self/fd``), so its reads never move the writer's offsets. A
+thread of its own writes its answers to the pipe while it reads the next pieces; it ignores
+SIGINT (the first process handles Ctrl-C), and ends when the writer closes its end of the
+request pipe or exits. An error it meets reading a piece (a corrupt extent, a truncated
+grain) is sent back instead of the piece, and the writer raises it, with the same class and
+message, where that piece belongs in the archive: a failure that comes earlier in the
+archive's order is the one raised.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import copy
 import fcntl
 import gc
 import logging
+import marshal
+import mmap
 import os
 import pickle
 import queue
+import select
 import signal
 import stat
 import struct
@@ -43,27 +60,43 @@ from typing import TYPE_CHECKING, BinaryIO, cast
 
 from .. import errors as _errors
 from ..errors import Ova2imgError, SinkError
-from ..filesystems.base import EntryType
+from ..filesystems.base import Filesystem, live_filesystems
 
 if TYPE_CHECKING:
     from ..assembly import TreeItem
     from .tar import TarStats, TarWriter
 
-#: a batch ends after this many items …
-BATCH_ITEMS = 512
-#: … or this many bytes of file content, whichever comes first
-BATCH_BYTES = 8 << 20
-#: what the second process gathers before handing it to its pipe thread …
-BATCH_BUFFER = 8 << 20
-#: … which has at most this many such buffers waiting (memory: (AHEAD + 2) x BATCH_BUFFER)
-AHEAD = 2
+#: the writer asks the reader for pieces while fewer than this many bytes of them …
+AHEAD_BYTES = 4 << 20
+#: … and fewer than this many pieces are on their way; else it reads the next piece itself
+AHEAD_PIECES = 512
+#: the writer's own bytes waiting behind a piece still on its way (then it waits for it)
+HELD_BYTES = 32 << 20
+#: requests go to the reader this many at a time (sooner when it may run out of work)
+REQUEST_BATCH = 16
+#: output gathered before a write
+CHUNK = 1 << 20
+#: writes waiting for the writer's output thread (memory: QUEUED x CHUNK)
+QUEUED = 4
+#: the memory shared by the two processes, where the reader puts its answers' bytes (a ring)
+RING_BYTES = 16 << 20
+#: the reader tells the writer what it answered at least every this many bytes
+ANSWERED_BYTES = 64 << 10
+#: headers with more extended attributes than this are made by the writer (answers must fit
+#: the ring with room to spare)
+XATTR_BYTES = 64 << 10
+#: how long a failed conversion waits for its output to take the end of the archive
+ABORT_WAIT = 10.0
 #: pipe capacity asked for (``F_SETPIPE_SZ``; Linux's default limit is 1 MiB)
 PIPE_BYTES = 1 << 20
 
+_BLOCK = 512  # a tar block
+_ZEROS = bytes(_BLOCK)
+_FileRequest = tuple[tuple[object, ...], int, int, int, int]
 _F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux)
 _FRAME = struct.Struct("<I")
-_END = 0  # a frame of length 0 ends a batch
-_ERROR = 0xFFFFFFFF  # then the pickled error
+_ERROR = 0xFFFFFFFF  # a frame of this length is an error: its pickled description follows
+_IOV_MAX = 1024
 
 
 def split_enabled() -> bool:
@@ -76,78 +109,79 @@ def split_enabled() -> bool:
         sys.platform == "linux"
         and hasattr(os, "fork")
         and (os.cpu_count() or 1) > 1
-        # the second writer reopens its inherited files there (no /proc: write alone)
+        # the reader reopens its inherited files there (no /proc: write alone)
         and Path("/proc/self/fd").is_dir()
     )
-
-
-class _Batches:
-    """Cuts the item sequence into batches from metadata alone (both processes agree)."""
-
-    def __init__(self) -> None:
-        self.number = 0
-        self._items = 0
-        self._bytes = 0
-
-    def next_item(self, item: TreeItem) -> bool:
-        """Count *item*; ``True`` when it starts a new batch."""
-        new = self._items >= BATCH_ITEMS or self._bytes >= BATCH_BYTES
-        if new:
-            self.number += 1
-            self._items = self._bytes = 0
-        self._items += 1
-        if item.entry.type is EntryType.FILE:
-            self._bytes += item.entry.size
-        return new
 
 
 def write_tar_split(
     items: Iterable[TreeItem],
     out: BinaryIO,
     make_writer: Callable[[BinaryIO], TarWriter],
-    child_setup: Callable[[], None] | None = None,
+    build_header: Callable[..., bytes | bytearray],
 ) -> TarStats:
-    """What :func:`~ova2img.sinks.tar.write_tar` does, with a second writer process.
+    """What :func:`~ova2img.sinks.tar.write_tar` does, with a second process reading content
+    and making headers.
 
     Args:
-        items: the walk; iterated by both processes (a copy each).
+        items: the walk (iterated by this process only).
         out: the output.
         make_writer: a :class:`TarWriter` on a given stream, with the caller's options.
-        child_setup: run first in the second process (e.g. to silence progress callbacks
-            that the walk itself calls).
+        build_header: what makes a member's header from its fields
+            (:func:`~ova2img.sinks.tar.member_bytes`).
     """
-    read_fd, write_fd = os.pipe()
-    with contextlib.suppress(OSError):
-        fcntl.fcntl(write_fd, _F_SETPIPE_SZ, PIPE_BYTES)
+    # What the reader may be asked to read from: the filesystems alive now, which it inherits.
+    readers = live_filesystems()
+    ring = mmap.mmap(-1, RING_BYTES)  # anonymous and shared: the reader inherits it
+    requests = os.pipe()
+    answers = os.pipe()
+    for fd in (requests[1], answers[1]):
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_BYTES)
     for stream in (sys.stdout, sys.stderr):  # nothing buffered is written twice
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
     try:
         with warnings.catch_warnings():
             # Python 3.12+ warns that forking a threaded process may deadlock the child: the
-            # second writer runs only the walk and this module, and touches no lock another
-            # thread (rich's refresh, the Docker upload) may hold: logging is cut off and
-            # progress callbacks too.
+            # reader runs only this module and the filesystems' read paths, and touches no lock
+            # another thread (rich's refresh, the Docker upload) may hold: logging is cut off.
             warnings.simplefilter("ignore", DeprecationWarning)
             pid = os.fork()
     except OSError:  # no process to be had (a process limit, no memory): write alone
-        os.close(read_fd)
-        os.close(write_fd)
+        for fd in (*requests, *answers):
+            os.close(fd)
+        ring.close()
         return write_alone(items, make_writer(out))
     if pid == 0:
         code = 1
         try:
-            os.close(read_fd)
-            _second(items, write_fd, make_writer, child_setup)
+            os.close(requests[1])
+            os.close(answers[0])
+            _serve(requests[0], answers[1], ring, readers, build_header)
             code = 0
         finally:
             os._exit(code)  # never the first process's atexit handlers or buffers
-    os.close(write_fd)
-    pipe = os.fdopen(read_fd, "rb", buffering=PIPE_BYTES)
+    os.close(requests[0])
+    os.close(answers[1])
+    writer = make_writer(out)
+    pipeline = ContentPipeline(writer.emit_out, requests[1], answers[0], ring, readers)
     try:
-        return _first(items, out, make_writer, pipe)
+        writer.attach(pipeline)
+        try:
+            for item in items:
+                writer.add(item)
+        except Exception:
+            # A piece before this point in the archive may have failed too: that failure is
+            # the one a single process would have met first.
+            pipeline.settle()
+            raise
+        return writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
     finally:
-        pipe.close()
+        pipeline.close()
         _reap(pid)
 
 
@@ -162,51 +196,348 @@ def write_alone(items: Iterable[TreeItem], writer: TarWriter) -> TarStats:
     return writer.finish()
 
 
-def _first(
-    items: Iterable[TreeItem],
-    out: BinaryIO,
-    make_writer: Callable[[BinaryIO], TarWriter],
-    pipe: BinaryIO,
-) -> TarStats:
-    writer = make_writer(out)
-    batches = _Batches()
-    try:
-        for item in items:
-            if batches.next_item(item) and batches.number % 2 == 0:
-                _copy_batch(pipe, writer)  # the batch that just ended was the second's
-            if batches.number % 2 == 0:
-                writer.add(item)
-            else:
-                writer.account(item)
-        if batches.number % 2 == 1:
-            _copy_batch(pipe, writer)
-    except BaseException:
-        writer.abort()
-        raise
-    return writer.finish()
+class ContentPipeline:
+    """The writer's side: puts what the writer makes and the pieces the reader sends back into
+    the archive, in order.
 
+    Bytes written while no piece is on its way go to the output (gathered into writes of
+    :data:`CHUNK`); after a piece was asked for, they wait behind it (with the warnings that
+    belong there: :meth:`later`) until it arrived.
 
-def _copy_batch(pipe: BinaryIO, writer: TarWriter) -> None:
-    """Copy one batch of the second process from the pipe to the output, after flushing ours."""
-    writer.flush()
-    while True:
-        (length,) = _FRAME.unpack(_read(pipe, _FRAME.size))
-        if length == _END:
-            (size,) = _FRAME.unpack(_read(pipe, _FRAME.size))
-            delta, warned = pickle.loads(_read(pipe, size))  # noqa: S301 - our child, our pipe
-            writer.merge_stats(delta, warned)
+    The reader answers in frames (a length, then that many bytes): each holds whole pieces,
+    back to back, and an error frame stands where the piece that failed would be.
+    """
+
+    def __init__(
+        self,
+        emit: Callable[[bytes | bytearray | memoryview], None],
+        request_fd: int,
+        answer_fd: int,
+        ring: mmap.mmap,
+        readers: dict[int, Filesystem],
+    ) -> None:
+        self._output = _Output(emit)
+        self._ring = ring
+        self._ring_view = memoryview(ring)
+        self._written = 0  # the reader's answers so far, in ring bytes (gaps at its end too)
+        self._taken = 0  # what of them is in the output
+        self._told = 0  # what the reader was last told of it
+        self._emit = self._output.write
+        self._request_fd = request_fd
+        self._answer_fd = answer_fd
+        os.set_blocking(answer_fd, False)
+        self._poll = select.poll()
+        self._poll.register(answer_fd, select.POLLIN)
+        self._readers = readers
+        self._known: Filesystem | None = None  # the last filesystem found in *readers*
+        self._out = bytearray()  # in order, to be written
+        # behind the first answer still on its way: (bytes before an answer; what it is: 0
+        # none, > 0 a piece of that length, < 0 a header or member, see _take; a call to make
+        # there or None)
+        self._held: collections.deque[tuple[bytes | bytearray, int, Callable[[], None] | None]] = (
+            collections.deque()
+        )
+        self._held_bytes = 0
+        self._ahead = 0  # pieces asked for and not yet taken
+        self._ahead_bytes = 0
+        self._unsent: list[tuple[object, ...]] = []
+        self._answers = bytearray()  # answer lengths from the reader; from ``_at`` on not taken
+        self._at = 0
+        self._deadline: float | None = None  # when waiting for answers stops (a failure)
+        #: bytes of headers the reader made, taken so far (the writer counts them at the end)
+        self.made_bytes = 0
+        self._closed = False
+
+    # -- the writer's calls ---------------------------------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Bytes of the archive, after everything written or deferred so far."""
+        if self._held:
+            self._held.append((data if type(data) is bytes else bytes(data), 0, None))
+            self._held_bytes += len(data)
+            if self._held_bytes > HELD_BYTES:
+                self._take(block=True, until=HELD_BYTES // 2)
             return
-        if length == _ERROR:
-            (size,) = _FRAME.unpack(_read(pipe, _FRAME.size))
-            _raise(pickle.loads(_read(pipe, size)))  # noqa: S301 - our own child, our pipe
-        writer.emit_raw(_read(pipe, length))
+        self._out += data
+        if len(self._out) >= CHUNK:
+            self._emit(self._out)
+            self._out = bytearray()
+
+    def defer(
+        self, before: bytearray, fs: Filesystem, token: int, offset: int, length: int
+    ) -> bool:
+        """Ask the reader for a piece (``fs.read_piece(token, offset, length)``) to go after
+        the bytes *before* (which it then owns), and keep its place in the archive; ``False``
+        (*before* untouched) when the writer had better read it itself: the reader has
+        enough to do, or does not know *fs*."""
+        if fs is not self._known:
+            if self._readers.get(id(fs)) is not fs:
+                return False  # made after the fork: the reader does not have it
+            self._known = fs
+        if self._ahead >= AHEAD_PIECES or self._ahead_bytes + length > AHEAD_BYTES:
+            self._take(block=False)
+            if self._ahead >= AHEAD_PIECES or self._ahead_bytes + length > AHEAD_BYTES:
+                return False
+        unsent = self._unsent
+        unsent.append((id(fs), token, offset, length))
+        self._ahead += 1
+        self._ahead_bytes += length
+        self._held.append((before, length, None))
+        self._held_bytes += len(before)
+        # the reader may be running out of work: send now, else in batches
+        if len(unsent) >= REQUEST_BATCH or self._ahead - len(unsent) < REQUEST_BATCH:
+            self._send()
+        return True
+
+    def defer_header(self, before: bytearray, fields: tuple[object, ...]) -> bool:
+        """Ask the reader to make a member's header (``build_header(*fields)``) to go after
+        the bytes *before* (which it then owns); ``False`` (*before* untouched) when the
+        reader has enough to do and the writer makes it itself."""
+        xattrs = fields[-1]
+        if isinstance(xattrs, dict) and sum(map(len, xattrs.values())) > XATTR_BYTES:
+            return False
+        if self._ahead >= AHEAD_PIECES:
+            self._take(block=False)
+            if self._ahead >= AHEAD_PIECES:
+                return False
+        unsent = self._unsent
+        unsent.append(fields)
+        self._ahead += 1
+        self._held.append((before, -1, None))
+        self._held_bytes += len(before)
+        if len(unsent) >= REQUEST_BATCH or self._ahead - len(unsent) < REQUEST_BATCH:
+            self._send()
+        return True
+
+    def defer_file(
+        self,
+        before: bytearray,
+        fields: tuple[object, ...],
+        fs: Filesystem,
+        token: int,
+        offset: int,
+        size: int,
+    ) -> bool:
+        """Ask the reader for a whole small member: its header (``build_header(*fields)``),
+        its content in one piece (``fs.read_piece(token, offset, size)``) and the padding to
+        a block, after the bytes *before* (which it then owns); ``False`` (*before*
+        untouched) when the writer had better do it itself."""
+        if fs is not self._known:
+            if self._readers.get(id(fs)) is not fs:
+                return False  # made after the fork: the reader does not have it
+            self._known = fs
+        xattrs = fields[-1]
+        if isinstance(xattrs, dict) and sum(map(len, xattrs.values())) > XATTR_BYTES:
+            return False
+        known = size + -size % _BLOCK  # what the writer counted; the header comes on top
+        if self._ahead >= AHEAD_PIECES or self._ahead_bytes + known > AHEAD_BYTES:
+            self._take(block=False)
+            if self._ahead >= AHEAD_PIECES or self._ahead_bytes + known > AHEAD_BYTES:
+                return False
+        unsent = self._unsent
+        unsent.append((fields, id(fs), token, offset, size))
+        self._ahead += 1
+        self._ahead_bytes += known
+        self._held.append((before, -1 - known, None))
+        self._held_bytes += len(before)
+        if len(unsent) >= REQUEST_BATCH or self._ahead - len(unsent) < REQUEST_BATCH:
+            self._send()
+        return True
+
+    def drain(self) -> None:
+        """Wait for every answer and put it in place."""
+        self._take(block=True)
+
+    def later(self, call: Callable[[], None]) -> None:
+        """Call *call* when everything written or deferred so far is in the output."""
+        if self._held:
+            self._held.append((b"", 0, call))
+        else:
+            call()
+
+    def finish(self) -> None:
+        """Wait for every piece and write everything out (the archive's end included)."""
+        self._take(block=True)
+        if self._out:
+            self._emit(self._out)
+            self._out = bytearray()
+        self._output.close()
+
+    def settle(self) -> None:
+        """After a failure of the writer: wait for the pieces before it, raising the first
+        failure among them (one met earlier in the archive's order)."""
+        with contextlib.suppress(SinkError):  # the reader itself gone: the writer's error
+            self._take(block=True)
+
+    def abort(self, pending: bytes | bytearray, poison: bytes | bytearray) -> None:
+        """End a failed archive: what is complete and in order, then *pending* (the writer's
+        buffer) when nothing waits for a piece, then *poison*. Nothing lands out of place."""
+        # The answers on their way (a few megabytes at most) first, as one process would have
+        # written them before failing; a failed answer or a reader gone ends that.
+        self._deadline = time.monotonic() + ABORT_WAIT
+        with contextlib.suppress(Exception):
+            self._take(block=True)
+        out = self._out
+        self._out = bytearray()
+        if not self._held:
+            out += pending
+        self._held.clear()
+        self._output.abort(out + poison)
+
+    def close(self) -> None:
+        """Close both pipes: the reader ends."""
+        if self._closed:
+            return
+        self._closed = True
+        for fd in (self._request_fd, self._answer_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._ring_view.release()
+        self._ring.close()
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _send(self, *, tell: bool = False) -> None:
+        """Send the requests gathered, with how far the answers are taken (alone, *tell*:
+        when that changed)."""
+        if not self._unsent and not (tell and self._taken != self._told):
+            return
+        payload = marshal.dumps((self._taken, self._unsent))
+        self._told = self._taken
+        self._unsent = []
+        view = memoryview(_FRAME.pack(len(payload)) + payload)
+        try:
+            while view:  # a few hundred pieces at most are on their way: the pipe holds them
+                view = view[os.write(self._request_fd, view) :]
+        except OSError as exc:
+            raise SinkError(f"the reader process ended unexpectedly ({exc.strerror})") from exc
+
+    def _take(self, *, block: bool, until: int = -1) -> None:
+        """Move what is at the head and has arrived into the output; with *block*, wait for
+        answers (until no more than *until* of the writer's bytes wait behind them)."""
+        held = self._held
+        out = self._out
+        while held and self._held_bytes > until:
+            before, length, call = held[0]
+            if length:  # the reader's answer goes here: a piece (its length), or a member or
+                # header (-1 - the bytes of it the writer counted: padded content, or none)
+                size = self._answer(block)
+                if size < 0:
+                    return  # not there yet
+                known = length if length > 0 else -1 - length
+                if size < known or (length > 0 and size != length):
+                    raise SinkError(f"the reader process sent {size} bytes for {known}")
+                out += before
+                at = self._written % RING_BYTES
+                if at + size > RING_BYTES:  # the reader went on at the ring's start
+                    self._written += RING_BYTES - at
+                    at = 0
+                out += self._ring_view[at : at + size]
+                self._written += size
+                self._taken = self._written
+                self._ahead -= 1
+                self._ahead_bytes -= known
+                self.made_bytes += size - known
+            else:
+                out += before
+                if call is not None:
+                    call()
+            held.popleft()
+            self._held_bytes -= len(before)
+            if len(out) >= CHUNK:
+                self._emit(out)
+                out = self._out = bytearray()
+        if self._taken - self._told > RING_BYTES // 4:
+            self._send(tell=True)  # room for the reader, which may be waiting for it
+
+    def _answer(self, block: bool) -> int:
+        """The length of the reader's next answer (its bytes are next in the ring), or -1 if
+        it has not arrived (not *block*). Raises the error that an error answer holds."""
+        while True:
+            buf, at = self._answers, self._at
+            have = len(buf) - at
+            if have >= 4:
+                (size,) = _FRAME.unpack_from(buf, at)
+                if size != _ERROR:
+                    self._at = at + 4
+                    return int(size)
+                if have >= 8:
+                    (n,) = _FRAME.unpack_from(buf, at + 4)
+                    if have - 8 >= n:
+                        failure = pickle.loads(buf[at + 8 : at + 8 + n])  # noqa: S301 - our child
+                        self._at = at + 8 + n
+                        _raise(failure)
+            if not self._receive(block):
+                return -1
+
+    def _receive(self, block: bool) -> bool:
+        """Read more of the reader's answers; ``False`` if none are there (not *block*)."""
+        at = self._at
+        if at and at >= len(self._answers) // 2:
+            del self._answers[:at]
+            self._at = 0
+        if block:
+            self._send(tell=True)  # it may be waiting for these, or for room
+        while True:
+            try:
+                data = os.read(self._answer_fd, PIPE_BYTES)
+            except BlockingIOError:
+                if not block:
+                    return False
+                if self._deadline is None:
+                    self._poll.poll()
+                elif not self._poll.poll(max(0.0, self._deadline - time.monotonic()) * 1000):
+                    return False  # a failed archive's end waited long enough
+                continue
+            if not data:
+                raise SinkError("the reader process ended unexpectedly")
+            self._answers += data
+            return True
 
 
-def _read(pipe: BinaryIO, n: int) -> bytes:
-    data = pipe.read(n)
-    if len(data) != n:
-        raise SinkError("the second writer process ended unexpectedly")
-    return data
+class _Output:
+    """The writer's output, written by a thread: writing (and compressing) a megabyte of it
+    mostly waits for the kernel or zlib, which then overlaps with the walk. At most
+    :data:`QUEUED` writes wait; the first error of the output is raised at the next call."""
+
+    def __init__(self, emit: Callable[[bytes | bytearray | memoryview], None]) -> None:
+        self._emit = emit
+        self._queue: queue.Queue[bytes | bytearray | memoryview | None] = queue.Queue(QUEUED)
+        self._failed: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="ova2img-output", daemon=True)
+        self._thread.start()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Write *data* (which must not change afterwards) after what came before."""
+        if self._failed is not None:
+            raise self._failed
+        self._queue.put(data)
+
+    def close(self) -> None:
+        """Wait until everything is written; raise the output's error, if any."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if self._failed is not None:
+            raise self._failed
+
+    def abort(self, tail: bytes | bytearray) -> None:
+        """Write *tail* after what is queued (if the output still works) and stop; an output
+        that takes nothing for :data:`ABORT_WAIT` seconds is left as it is."""
+        with contextlib.suppress(BaseException):
+            if self._failed is None and self._thread.is_alive():
+                self._queue.put(tail, timeout=ABORT_WAIT)
+            self._queue.put(None, timeout=ABORT_WAIT)
+            self._thread.join(ABORT_WAIT)
+
+    def _run(self) -> None:
+        while (data := self._queue.get()) is not None:
+            if self._failed is not None:
+                continue  # keep taking, so that write() never waits forever
+            try:
+                self._emit(data)
+            except BaseException as exc:
+                self._failed = exc
 
 
 def _raise(failure: tuple[str, str, int | None, str | None]) -> None:
@@ -214,12 +545,11 @@ def _raise(failure: tuple[str, str, int | None, str | None]) -> None:
     cls = getattr(_errors, name, None)
     if isinstance(cls, type) and issubclass(cls, Ova2imgError):
         raise cls(message, offset=offset, obj=obj)
-    raise RuntimeError(f"the second writer process failed:\n{message}")
+    raise RuntimeError(f"the reader process failed:\n{message}")
 
 
 def _reap(pid: int) -> None:
-    """Wait a moment for the second process (it ends at the end of the walk or of the pipe),
-    then end it."""
+    """Wait a moment for the reader (it ends when the request pipe closes), then end it."""
     deadline = time.monotonic() + 0.5
     while True:
         try:
@@ -237,134 +567,173 @@ def _reap(pid: int) -> None:
         time.sleep(0.002)
 
 
-# -- the second process ------------------------------------------------------------------------
+# -- the reader ---------------------------------------------------------------------------------
 
 
-class _FrameSink:
-    """The second writer's output: frames gathered into a buffer, handed at each batch's end
-    (or at :data:`BATCH_BUFFER` bytes) to a thread that writes them to the pipe.
+class _Answers:
+    """The reader's answers: bytes into the ring, their lengths (or an error) into the pipe,
+    gathered and written when :meth:`flush` is called or enough gathered."""
 
-    The pipe holds 1 MiB and the first process takes a batch only when its own previous batch
-    is written: writing in this thread would stop the second writer there, idle, for about
-    a fifth of its time. The thread lets it go on with its next batch; at most
-    :data:`AHEAD` buffers wait for the pipe, so memory stays bounded.
-    """
-
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, ring: mmap.mmap) -> None:
         self._fd = fd
-        self._buf = bytearray()
-        self._queue: queue.Queue[bytearray | None] = queue.Queue(maxsize=AHEAD)
-        self._failed: OSError | None = None
-        self._thread = threading.Thread(target=self._pump, name="ova2img-pipe", daemon=True)
-        self._thread.start()
+        self._ring = memoryview(ring)
+        self.written = 0  # ring bytes used so far (gaps at its end too)
+        self._lengths = bytearray()
+        self._since = 0  # bytes answered since the last flush
 
-    def write(self, data: bytes | bytearray | memoryview) -> int:
-        if not data:
-            return 0  # a frame of length 0 would end the batch
-        self._buf += _FRAME.pack(len(data))
-        self._buf += data
-        if len(self._buf) >= BATCH_BUFFER:
-            self.flush()
-        return len(data)
+    def room(self, size: int, taken: int) -> bool:
+        """Whether *size* bytes fit now, the writer having taken *taken*: they must not land
+        on what it has not taken (from *taken* to :attr:`written`, if anything)."""
+        if taken >= self.written:
+            return True  # nothing waits in the ring (and no answer is larger than it)
+        at = self.written % RING_BYTES
+        gap = RING_BYTES - at if at + size > RING_BYTES else 0
+        return self.written + gap + size - taken <= RING_BYTES
 
-    def end_batch(self, stats: TarStats, before: TarStats) -> None:
-        """End a batch: its counts (what *stats* gained since *before*) and warnings follow."""
-        delta = {
-            name: getattr(stats, name) - getattr(before, name)
-            for name in stats.__slots__
-            if name != "warnings"
-        }
-        warned = stats.warnings[len(before.warnings) :]
-        payload = pickle.dumps((delta, warned), protocol=pickle.HIGHEST_PROTOCOL)
-        self._buf += _FRAME.pack(_END) + _FRAME.pack(len(payload)) + payload
-        self.flush()
+    def data(self, parts: tuple[bytes | bytearray, ...], size: int) -> None:
+        """An answer of *size* bytes in *parts* (it has :meth:`room`): a piece that was read,
+        a header that was made, a small member."""
+        at = self.written % RING_BYTES
+        if at + size > RING_BYTES:  # not at the ring's end: at its start
+            self.written += RING_BYTES - at
+            at = 0
+        ring = self._ring
+        for part in parts:
+            ring[at : at + len(part)] = part
+            at += len(part)
+        self.written += size
+        self._lengths += _FRAME.pack(size)
+        self._since += size
+        if self._since >= ANSWERED_BYTES or len(self._lengths) >= 4 * REQUEST_BATCH:
+            self.flush()  # the writer may be waiting: tell it every few answers
 
     def fail(self, exc: BaseException) -> None:
+        """An answer that failed: the error, for the writer to raise."""
         if isinstance(exc, Ova2imgError):
             failure = (type(exc).__name__, exc.message, exc.offset, exc.obj)
         else:
             failure = ("", "".join(traceback.format_exception(exc)).rstrip(), None, None)
         payload = pickle.dumps(failure, protocol=pickle.HIGHEST_PROTOCOL)
-        self._buf += _FRAME.pack(_ERROR) + _FRAME.pack(len(payload)) + payload
-        self.flush()
+        self._lengths += _FRAME.pack(_ERROR) + _FRAME.pack(len(payload)) + payload
 
     def flush(self) -> None:
-        """Hand what is gathered to the pipe thread (waits while :data:`AHEAD` buffers do)."""
-        if self._failed is not None:
-            raise self._failed
-        if self._buf:
-            self._queue.put(self._buf)
-            self._buf = bytearray()
-
-    def close(self) -> None:
-        """Wait until everything handed over is in the pipe."""
-        self._queue.put(None)
-        self._thread.join()
-        if self._failed is not None:
-            raise self._failed
-
-    def _pump(self) -> None:
-        while (buf := self._queue.get()) is not None:
-            if self._failed is not None:
-                continue  # keep taking buffers, so that flush() never waits forever
-            try:
-                view = memoryview(buf)
-                while view:
-                    n = os.write(self._fd, view)
-                    view = view[n:]
-            except OSError as exc:  # EPIPE ends the process (SIGPIPE): something stranger
-                self._failed = exc
+        """Tell the writer what is answered (a few bytes: the pipe takes them)."""
+        view = memoryview(self._lengths)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        view.release()
+        self._lengths = bytearray()
+        self._since = 0
 
 
-def _second(
-    items: Iterable[TreeItem],
-    fd: int,
-    make_writer: Callable[[BinaryIO], TarWriter],
-    child_setup: Callable[[], None] | None,
+def _serve(
+    request_fd: int,
+    answer_fd: int,
+    ring: mmap.mmap,
+    readers: dict[int, Filesystem],
+    build_header: Callable[..., bytes | bytearray],
 ) -> None:
+    """The reader: answer each request with the piece's bytes (or the header made), or the
+    error met, in order, until the request pipe ends."""
     gc.freeze()  # nothing inherited is finalised here (a temporary file object could unlink)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # the first process is gone: end quietly
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # the writer is gone: end quietly
     for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
         if isinstance(logger, logging.Logger):
             logger.handlers = [logging.NullHandler()]
             logger.propagate = False
-    if child_setup is not None:
-        child_setup()
-    sink = _FrameSink(fd)
+    answers = _Answers(answer_fd, ring)
+    broken: Exception | None = None
     try:
         _reopen_files()
-    except BaseException as exc:  # the first process raises it where our first batch begins
-        with contextlib.suppress(OSError):
-            sink.fail(exc)
-            sink.close()
-        return
-    writer = make_writer(cast(BinaryIO, sink))
-    writer.quiet()
-    batches = _Batches()
-    before = copy.deepcopy(writer.stats)
-    try:
-        for item in items:
-            if batches.next_item(item):
-                if batches.number % 2 == 0:  # ours just ended
-                    writer.flush()
-                    sink.end_batch(writer.stats, before)
-                else:
-                    before = copy.deepcopy(writer.stats)
-            if batches.number % 2 == 1:
-                writer.add(item)
+    except Exception as exc:  # every piece fails with it, where the first one belongs
+        broken = exc
+    inbox = _Requests(request_fd)
+    while True:
+        request = inbox.next(answers)
+        if request is None:
+            break
+        try:
+            parts: tuple[bytes | bytearray, ...]
+            if len(request) == 5:  # a small member: header, content, padding
+                if broken is not None:
+                    raise broken
+                fields, key, token, offset, length = cast(_FileRequest, request)
+                content = readers[key].read_piece(token, offset, length)
+                parts = (build_header(*fields), content, _ZEROS[: -length % _BLOCK])
+            elif len(request) != 4:  # a member's fields
+                parts = (build_header(*request),)
             else:
-                writer.account(item)
-        if batches.number % 2 == 1:
-            writer.flush()
-            sink.end_batch(writer.stats, before)
-    except BaseException as exc:  # the first process raises it where this batch begins
-        with contextlib.suppress(OSError):
-            sink.fail(exc)
-    finally:
-        with contextlib.suppress(OSError):
-            sink.close()  # before os._exit(): the pipe thread may still be writing
+                if broken is not None:
+                    raise broken
+                key, token, offset, length = cast("tuple[int, int, int, int]", request)
+                parts = (readers[key].read_piece(token, offset, length),)
+        except Exception as exc:  # the writer raises it where this answer belongs
+            answers.fail(exc)
+            continue
+        size = sum(map(len, parts))
+        while not answers.room(size, inbox.taken):
+            answers.flush()  # the writer takes what is there, then says so
+            if not inbox.wait():
+                return
+        answers.data(parts, size)
+    answers.flush()
+
+
+class _Requests:
+    """What the writer asks the reader, read as it comes, with how far the writer has taken
+    the answers (:attr:`taken`)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        os.set_blocking(fd, False)
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLIN)
+        self._buf = bytearray()
+        self._queue: collections.deque[tuple[object, ...]] = collections.deque()
+        self.taken = 0
+        self._ended = False
+
+    def next(self, answers: _Answers) -> tuple[object, ...] | None:
+        """The next request (``None``: the writer is done); tells the writer what is answered
+        before waiting for more."""
+        while not self._queue:
+            if self._ended:
+                return None
+            if not self._read():
+                answers.flush()
+                self._poll.poll()
+        return self._queue.popleft()
+
+    def wait(self) -> bool:
+        """Wait for the writer's next message; ``False`` if it is done."""
+        while not self._read():
+            if self._ended:
+                return False
+            self._poll.poll()
+        return True
+
+    def _read(self) -> bool:
+        try:
+            data = os.read(self._fd, PIPE_BYTES)
+        except BlockingIOError:
+            return False
+        if not data:
+            self._ended = True
+            return False
+        self._buf += data
+        at = 0
+        while len(self._buf) - at >= 4:
+            (size,) = _FRAME.unpack_from(self._buf, at)
+            if len(self._buf) - at - 4 < size:
+                break
+            taken, batch = marshal.loads(self._buf[at + 4 : at + 4 + size])  # noqa: S302 - ours
+            at += 4 + size
+            self.taken = max(self.taken, taken)
+            self._queue.extend(batch)
+        del self._buf[:at]
+        return True
 
 
 def _reopen_files() -> None:
@@ -385,4 +754,4 @@ def _reopen_files() -> None:
             os.close(new)
 
 
-__all__ = ["BATCH_BYTES", "BATCH_ITEMS", "split_enabled", "write_alone", "write_tar_split"]
+__all__ = ["ContentPipeline", "split_enabled", "write_alone", "write_tar_split"]

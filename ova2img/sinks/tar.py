@@ -43,15 +43,24 @@ import struct
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import BinaryIO, cast
+from functools import partial
+from typing import TYPE_CHECKING, BinaryIO, cast
 
 from ..assembly import TreeItem
 from ..errors import SinkError
-from ..filesystems.base import DataRun, EntryType
+from ..filesystems.base import DataRun, EntryType, Piece
 from .output import write_all, write_error
 from .split import split_enabled, write_alone, write_tar_split
 
+if TYPE_CHECKING:
+    from .split import ContentPipeline
+
 BLOCK = 512
+#: what :func:`member_bytes` takes, in its order (name, typeflag, size, linkname, sparse size,
+#: mode, uid, gid, mtime in ns, device major and minor, xattrs)
+MemberFields = tuple[
+    bytes, bytes, int, bytes, int | None, int, int, int, int, int, int, dict[str, bytes] | None
+]
 #: GNU tar's default record size (``-b 20``): the archive length is a multiple of it.
 RECORD = 20 * BLOCK
 #: Largest read from a file's stream, and the size at which buffered output is flushed.
@@ -122,7 +131,6 @@ def write_tar(
     on_progress: Callable[[int], None] | None = None,
     sparse: bool = True,
     workers: int = 1,
-    child_setup: Callable[[], None] | None = None,
 ) -> TarStats:
     """Write *items* (in the given order) as a PAX tar to *out*.
 
@@ -133,10 +141,9 @@ def write_tar(
         on_progress: called with the number of file-content bytes written so far.
         sparse: write files with holes as GNU sparse 1.0 members (as ``tar --sparse``);
             ``False`` writes them dense, holes as zeros (for image layers).
-        workers: 2 writes with a second process (:mod:`ova2img.sinks.split`; the same bytes),
-            where :func:`~ova2img.sinks.split.split_enabled` says it can; 1 writes alone.
-        child_setup: with two workers, run first in the second process (to cut callbacks
-            that *items* itself makes, such as progress).
+        workers: 2 reads file content with a second process as well
+            (:mod:`ova2img.sinks.split`; the same bytes), where
+            :func:`~ova2img.sinks.split.split_enabled` says it can; 1 works alone.
 
     Returns:
         Counts of what was written, with the warnings.
@@ -151,7 +158,7 @@ def write_tar(
         return TarWriter(stream, on_warning=on_warning, on_progress=on_progress, sparse=sparse)
 
     if workers > 1 and split_enabled():
-        return write_tar_split(items, out, make_writer, child_setup)
+        return write_tar_split(items, out, make_writer, member_bytes)
     return write_alone(items, make_writer(out))
 
 
@@ -218,6 +225,7 @@ class TarWriter:
         # inode key -> (first member name, links still to come); only inodes with nlink > 1
         self._links: dict[tuple[int, int], tuple[bytes, int]] = {}
         self._finished = False
+        self._pipeline: ContentPipeline | None = None
         self.stats = TarStats()
 
     # -- output ------------------------------------------------------------------------------
@@ -238,56 +246,24 @@ class TarWriter:
             self._emit(self._buf)
             self._buf = bytearray()
 
-    # -- two writers (see :mod:`ova2img.sinks.split`) ------------------------------------------
+    # -- a second process reading content (see :mod:`ova2img.sinks.split`) ---------------------
 
-    def account(self, item: TreeItem) -> None:
-        """Take note of an item the other writer writes: what later members depend on (the
-        first name of a hardlinked inode) advances exactly as :meth:`add` would advance it;
-        nothing is read, written or counted."""
-        entry = item.entry
-        if entry.nlink < 2 or entry.type not in HARDLINKED_TYPES:
-            return
-        path = item.path
-        if b"\0" in path:
-            return  # add() refuses it: the other writer raises
-        key = item.link_key
-        seen = self._links.get(key)
-        if seen is not None:
-            first, left = seen
-            if left <= 1:
-                del self._links[key]
-            else:
-                self._links[key] = (first, left - 1)
-            return
-        self._links[key] = (b"./" + path if path else b"./", entry.nlink - 1)
-
-    def flush(self) -> None:
-        """Write out what is gathered in the buffer."""
+    def attach(self, pipeline: ContentPipeline) -> None:
+        """Write through *pipeline* from now on: it puts content pieces it reads in another
+        process at their place in the archive, between the bytes this writer makes."""
         self._flush()
-
-    def emit_raw(self, data: bytes) -> None:
-        """Write bytes made by the other writer (counted by :meth:`merge_stats`)."""
-        self._flush()
-        self._emit(data)
-
-    def merge_stats(self, delta: dict[str, int], warnings: list[str]) -> None:
-        """Add the other writer's counts for a batch, and raise its warnings here, in order."""
-        for name, value in delta.items():
-            setattr(self.stats, name, getattr(self.stats, name) + value)
-        for message in warnings:
-            self._warn(message)
-        if self._on_progress is not None:
-            self._on_progress(self.stats.data_bytes)
-
-    def quiet(self) -> None:
-        """No more warning nor progress callbacks (the second writer's copy: its warnings go
-        back to the first writer with its batches)."""
-        self._on_warning = None
-        self._on_progress = None
+        self._pipeline = pipeline
 
     def _emit(self, data: bytes | bytearray | memoryview) -> None:
         if self._measure_only:
             return
+        if self._pipeline is not None:
+            self._pipeline.write(data)
+            return
+        self.emit_out(data)
+
+    def emit_out(self, data: bytes | bytearray | memoryview) -> None:
+        """Write *data* to the output now (what the pipeline calls, in archive order)."""
         try:
             # A raw (unbuffered) stream may take less than it was given: write the rest.
             write_all(self._out, data)
@@ -297,7 +273,10 @@ class TarWriter:
     def _warn(self, message: str) -> None:
         self.stats.warnings.append(message)
         if self._on_warning is not None:
-            self._on_warning(message)
+            if self._pipeline is not None:  # in order with the content still on its way
+                self._pipeline.later(partial(self._on_warning, message))
+            else:
+                self._on_warning(message)
 
     # -- members -----------------------------------------------------------------------------
 
@@ -364,9 +343,41 @@ class TarWriter:
 
     def _file(self, item: TreeItem, name: bytes) -> None:
         size = item.entry.size
+        if size and not self._measure_only:
+            # Most files: stored bytes without holes (a plain member), read piece by piece
+            # without a stream and without asking for the data runs.
+            found = item.content_pieces()
+            if found is not None:
+                token, pieces = found
+                pipeline = self._pipeline
+                if (
+                    pipeline is not None
+                    and len(pieces) == 1
+                    and size <= CHUNK
+                    and pipeline.defer_file(
+                        self._buf,
+                        self._fields(item, name, _REGTYPE, size),
+                        item.fs,
+                        token,
+                        pieces[0][0],
+                        size,
+                    )
+                ):
+                    # The other process makes the header and reads the content (padded).
+                    self._buf = bytearray()  # the pipeline's now, to go before the member
+                    self.stats.archive_bytes += size + (-size % BLOCK)
+                    self.stats.data_bytes += size
+                    self.stats.files += 1
+                    if self._on_progress is not None:
+                        self._on_progress(self.stats.data_bytes)
+                    return
+                self._member(item, name, _REGTYPE, size=size)
+                self._pieces(item, name, token, pieces)
+                self._write(bytes(-size % BLOCK))
+                self.stats.files += 1
+                return
         if 0 < size <= CHUNK and not self._measure_only:
-            # Most files: one read, without a stream, and without asking for the data runs: an
-            # adapter returns the content only for a file without holes (a plain member).
+            # Inline or compressed data: one read, as the adapter gives it, when it can.
             content = item.read_content()
             if content is not None and len(content) == size:
                 self._member(item, name, _REGTYPE, size=size)
@@ -410,6 +421,39 @@ class TarWriter:
         self._write(bytes(-stored % BLOCK))
         self.stats.files += 1
         self.stats.sparse_files += 1
+
+    def _pieces(self, item: TreeItem, name: bytes, token: int, pieces: list[Piece]) -> None:
+        """Write a file's content from its pieces, at most :data:`CHUNK` bytes at a time, each
+        read here or (with a pipeline) handed to the other process."""
+        fs = item.fs
+        pipeline = self._pipeline
+        stats = self.stats
+        done = 0
+        for offset, length in pieces:
+            end = offset + length
+            while offset < end:
+                n = min(end - offset, CHUNK)
+                if pipeline is not None and pipeline.defer(self._buf, fs, token, offset, n):
+                    self._buf = bytearray()  # the pipeline's now, to go before the piece
+                    stats.archive_bytes += n
+                    offset += n
+                    done += n
+                    stats.data_bytes += n
+                    continue
+                data = fs.read_piece(token, offset, n)
+                if len(data) != n:
+                    raise SinkError(
+                        f"{_show(name)}: content ended at byte {done + len(data)} of "
+                        f"{item.entry.size}"
+                    )
+                self._write(data)
+                offset += n
+                done += n
+                stats.data_bytes += n
+            if self._on_progress is not None:
+                self._on_progress(stats.data_bytes)
+        if done != item.entry.size:  # an adapter's pieces must add up to the size
+            raise SinkError(f"{_show(name)}: {done} bytes of content for {item.entry.size}")
 
     def _copy(
         self,
@@ -477,100 +521,46 @@ class TarWriter:
         linkname: bytes = b"",
         sparse_size: int | None = None,
     ) -> None:
-        """Write the (PAX header and) ustar header of one member."""
+        """Write the (PAX header and) ustar header of one member (made here, or by the
+        pipeline's other process when it has time for it)."""
+        fields = self._fields(item, name, typeflag, size, linkname, sparse_size)
+        pipeline = self._pipeline
+        if pipeline is not None and pipeline.defer_header(self._buf, fields):
+            self._buf = bytearray()  # the pipeline's now, to go before the header
+            return  # its length is counted when it arrives (see finish())
+        self._write(member_bytes(*fields))
+
+    @staticmethod
+    def _fields(
+        item: TreeItem,
+        name: bytes,
+        typeflag: bytes,
+        size: int,
+        linkname: bytes = b"",
+        sparse_size: int | None = None,
+    ) -> MemberFields:
+        """What :func:`member_bytes` takes for a member of *item*: plain values."""
         entry = item.entry
-        records: list[tuple[bytes, bytes]] = []
-        header_name = name
-        if sparse_size is not None:
-            # The real name goes in GNU.sparse.name; the ustar name is GNU tar's
-            # "%d/GNUSparseFile.%p/%f" with 0 for the PID. No `path` record: Python's tarfile
-            # applies records in order and a later `path` would replace GNU.sparse.name.
-            header_name = _dirname(name) + b"/GNUSparseFile.0/" + _basename(name)
-        elif len(name) > 100 or not name.isascii():
-            # GNU tar (create.c start_header) also writes `path` for every non-ASCII name,
-            # so UTF-8 names are marked as such. Names that are not UTF-8 go as raw bytes
-            # without `hdrcharset=BINARY`, as GNU tar 1.34 does: it warns "Ignoring unknown
-            # extended header keyword 'hdrcharset'" on every such member; CPython's tarfile
-            # falls back to surrogateescape and Go keeps the bytes either way.
-            records.append((b"path", name))
-        if len(linkname) > 100 or not linkname.isascii():
-            records.append((b"linkpath", linkname))
-        uid, gid = entry.uid, entry.gid
-        uid_field = b"%07o\0" % uid if 0 <= uid < _MAX8 else None
-        if uid_field is None:
-            records.append((b"uid", str(uid).encode()))
-        gid_field = b"%07o\0" % gid if 0 <= gid < _MAX8 else None
-        if gid_field is None:
-            records.append((b"gid", str(gid).encode()))
-        size_field = b"%011o\0" % size if 0 <= size < _MAX12 else None
-        if size_field is None and sparse_size is None:
-            records.append((b"size", str(size).encode()))
-            # A sparse member of 8 GiB or more keeps its stored size in base-256 only:
-            # CPython's tarfile recomputes the next header's offset from `size` after
-            # GNU.sparse.realsize replaced it, and would lose its place in the archive.
-        seconds, nanos = divmod(entry.mtime_ns, _NS)
-        mtime_field = b"%011o\0" % seconds if 0 <= seconds < _MAX12 else None
-        if nanos or mtime_field is None:
-            records.append((b"mtime", _pax_time(entry.mtime_ns)))
-        if sparse_size is not None:
-            records += [
-                (b"GNU.sparse.major", b"1"),
-                (b"GNU.sparse.minor", b"0"),
-                (b"GNU.sparse.name", name),
-                (b"GNU.sparse.realsize", str(sparse_size).encode()),
-            ]
-        if entry.xattrs:
-            for attr in sorted(entry.xattrs):
-                keyword = b"SCHILY.xattr." + _xattr_keyword(attr)
-                records.append((keyword, bytes(entry.xattrs[attr])))
+        xattrs = entry.xattrs
+        if xattrs:
+            xattrs = {attr: bytes(value) for attr, value in xattrs.items()}
         devmajor = devminor = 0
         if typeflag in _DEVTYPES:
             devmajor, devminor = entry.rdev_major, entry.rdev_minor
-        header = _ustar_header(
-            name=header_name,
-            mode=entry.mode & 0o7777,
-            uid=uid_field or _base256(uid, 8),
-            gid=gid_field or _base256(gid, 8),
-            size=size_field or _base256(size, 12),
-            mtime=mtime_field or _base256(seconds, 12),
-            typeflag=typeflag,
-            linkname=linkname,
-            devmajor=devmajor,
-            devminor=devminor,
+        return (
+            name,
+            typeflag,
+            size,
+            linkname,
+            sparse_size,
+            entry.mode & 0o7777,
+            entry.uid,
+            entry.gid,
+            entry.mtime_ns,
+            devmajor,
+            devminor,
+            xattrs or None,
         )
-        if records:
-            payload = b"".join([_pax_record(k, v) for k, v in records])
-            # GNU tar 1.34's default extended header name: "%d/PaxHeaders/%f" (the directory
-            # of "./a/b" is "./a", of "./b" it is "."; the root's own name is ".").
-            head, _, base = name.rstrip(b"/").rpartition(b"/")
-            if base == b".":
-                base = b""
-            xname = (head or b".") + b"/PaxHeaders/" + (base or b".")
-            xheader = bytearray(
-                _USTAR.pack(
-                    xname,
-                    b"0000644\0",
-                    _ZERO8,
-                    _ZERO8,
-                    _size_field(len(payload)),
-                    mtime_field or _ZERO12,
-                    b"        ",
-                    _XHDTYPE,
-                    b"",
-                    b"ustar\x0000",
-                    b"",
-                    b"",
-                    _ZERO8,
-                    _ZERO8,
-                    b"",
-                    b"",
-                )
-            )
-            xheader[148:156] = b"%06o\0 " % _byte_sum(xheader)
-            # one write for the three: the extended header, its records, the member's header
-            self._write(b"".join((xheader, payload, bytes(-len(payload) % BLOCK), header)))
-        else:
-            self._write(header)
 
     def abort(self) -> None:
         """End a failed archive so that readers fail too: what is buffered, then the header of
@@ -589,6 +579,10 @@ class TarWriter:
             typeflag=_REGTYPE,
         )
         with contextlib.suppress(Exception):
+            if self._pipeline is not None:
+                # what is complete, in order, then the poison: never a piece out of place
+                self._pipeline.abort(bytes(self._buf), poison)
+                return
             self._buf += poison
             self._flush()
 
@@ -596,14 +590,127 @@ class TarWriter:
         """Write the end of the archive and flush; returns the statistics."""
         if self._finished:
             raise SinkError("finish() after finish() or abort()")
+        if self._pipeline is not None:
+            # the headers the other process made: their lengths are known once they are here
+            self._pipeline.drain()
+            self.stats.archive_bytes += self._pipeline.made_bytes
+            self._pipeline.made_bytes = 0
         # Two zero blocks end the archive (POSIX ustar); GNU tar then pads the last record
         # with zeros to the full 10240-byte record (blocking factor 20).
         end = 2 * BLOCK
         end += -(self.stats.archive_bytes + end) % RECORD
         self._write(bytes(end))
         self._flush()
+        if self._pipeline is not None:
+            self._pipeline.finish()
         self._finished = True
         return self.stats
+
+
+def member_bytes(
+    name: bytes,
+    typeflag: bytes,
+    size: int,
+    linkname: bytes,
+    sparse_size: int | None,
+    mode: int,
+    uid: int,
+    gid: int,
+    mtime_ns: int,
+    devmajor: int,
+    devminor: int,
+    xattrs: dict[str, bytes] | None,
+) -> bytes | bytearray:
+    """The (PAX extended header and) ustar header of one member: the fields are what
+    :meth:`TarWriter._member` takes of an entry (plain values, so that the pipeline's other
+    process can make it as well)."""
+    records: list[tuple[bytes, bytes]] = []
+    header_name = name
+    if sparse_size is not None:
+        # The real name goes in GNU.sparse.name; the ustar name is GNU tar's
+        # "%d/GNUSparseFile.%p/%f" with 0 for the PID. No `path` record: Python's tarfile
+        # applies records in order and a later `path` would replace GNU.sparse.name.
+        header_name = _dirname(name) + b"/GNUSparseFile.0/" + _basename(name)
+    elif len(name) > 100 or not name.isascii():
+        # GNU tar (create.c start_header) also writes `path` for every non-ASCII name,
+        # so UTF-8 names are marked as such. Names that are not UTF-8 go as raw bytes
+        # without `hdrcharset=BINARY`, as GNU tar 1.34 does: it warns "Ignoring unknown
+        # extended header keyword 'hdrcharset'" on every such member; CPython's tarfile
+        # falls back to surrogateescape and Go keeps the bytes either way.
+        records.append((b"path", name))
+    if len(linkname) > 100 or not linkname.isascii():
+        records.append((b"linkpath", linkname))
+    uid_field = b"%07o\0" % uid if 0 <= uid < _MAX8 else None
+    if uid_field is None:
+        records.append((b"uid", str(uid).encode()))
+    gid_field = b"%07o\0" % gid if 0 <= gid < _MAX8 else None
+    if gid_field is None:
+        records.append((b"gid", str(gid).encode()))
+    size_field = b"%011o\0" % size if 0 <= size < _MAX12 else None
+    if size_field is None and sparse_size is None:
+        records.append((b"size", str(size).encode()))
+        # A sparse member of 8 GiB or more keeps its stored size in base-256 only:
+        # CPython's tarfile recomputes the next header's offset from `size` after
+        # GNU.sparse.realsize replaced it, and would lose its place in the archive.
+    seconds, nanos = divmod(mtime_ns, _NS)
+    mtime_field = b"%011o\0" % seconds if 0 <= seconds < _MAX12 else None
+    if nanos or mtime_field is None:
+        records.append((b"mtime", _pax_time(mtime_ns)))
+    if sparse_size is not None:
+        records += [
+            (b"GNU.sparse.major", b"1"),
+            (b"GNU.sparse.minor", b"0"),
+            (b"GNU.sparse.name", name),
+            (b"GNU.sparse.realsize", str(sparse_size).encode()),
+        ]
+    if xattrs:
+        for attr in sorted(xattrs):
+            keyword = b"SCHILY.xattr." + _xattr_keyword(attr)
+            records.append((keyword, xattrs[attr]))
+    header = _ustar_header(
+        name=header_name,
+        mode=mode,
+        uid=uid_field or _base256(uid, 8),
+        gid=gid_field or _base256(gid, 8),
+        size=size_field or _base256(size, 12),
+        mtime=mtime_field or _base256(seconds, 12),
+        typeflag=typeflag,
+        linkname=linkname,
+        devmajor=devmajor,
+        devminor=devminor,
+    )
+    if records:
+        payload = b"".join([_pax_record(k, v) for k, v in records])
+        # GNU tar 1.34's default extended header name: "%d/PaxHeaders/%f" (the directory
+        # of "./a/b" is "./a", of "./b" it is "."; the root's own name is ".").
+        head, _, base = name.rstrip(b"/").rpartition(b"/")
+        if base == b".":
+            base = b""
+        xname = (head or b".") + b"/PaxHeaders/" + (base or b".")
+        xheader = bytearray(
+            _USTAR.pack(
+                xname,
+                b"0000644\0",
+                _ZERO8,
+                _ZERO8,
+                _size_field(len(payload)),
+                mtime_field or _ZERO12,
+                b"        ",
+                _XHDTYPE,
+                b"",
+                b"ustar\x0000",
+                b"",
+                b"",
+                _ZERO8,
+                _ZERO8,
+                b"",
+                b"",
+            )
+        )
+        xheader[148:156] = b"%06o\0 " % _byte_sum(xheader)
+        # one write for the three: the extended header, its records, the member's header
+        return b"".join((xheader, payload, bytes(-len(payload) % BLOCK), header))
+    return header
 
 
 # -- encoding helpers ------------------------------------------------------------------------

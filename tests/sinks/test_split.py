@@ -1,26 +1,30 @@
-"""Two writer processes (:mod:`ova2img.sinks.split`) make the very archive one process makes,
-and an error met by the second process is raised by the first, unchanged.
+"""The writer with a second process reading content and making headers
+(:mod:`ova2img.sinks.split`) makes the very archive one process makes, and an error met by
+the reader is raised by the writer, unchanged, where it belongs.
 
-Batches are made tiny here so that hardlinks, sparse files and directories straddle the two
-writers' batches many times over; the image is a real ``mke2fs -d`` ext4.
+The pipeline's limits are made tiny here so that pieces read by either process, headers made
+by either, the shared ring's wrap-around and the reader waiting for room all happen many
+times over, with hardlinks, sparse files, xattrs and sockets on the way; the image is a real
+``mke2fs -d`` ext4.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import shutil
 import socket
 import struct
 import subprocess
-import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import ova2img
-from ova2img.errors import Ova2imgError
+from ova2img.errors import FilesystemError, Ova2imgError, SinkError
 from ova2img.sinks import split
 
 pytestmark = pytest.mark.skipif(
@@ -48,18 +52,50 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
         os.link(sub / "f03", sub / "link-to-f03")
         os.link(sub / "f04", stage / f"top-link-{d}")
         (sub / "sym").symlink_to("f01")
+        os.setxattr(sub / "f05", "user.note", b"n" * (40 + d))  # a PAX header
     with (stage / "d2" / "sparse").open("wb") as f:
         f.write(b"head")
         f.seek(300_000)
         f.write(b"tail")
     (stage / "big.bin").write_bytes(os.urandom(600_000))
+    (stage / "bigger.bin").write_bytes(os.urandom(2_500_000))  # several pieces of CHUNK
     for d in (1, 4):  # sockets: tar skips them with a warning, whichever writer meets them
         with socket.socket(socket.AF_UNIX) as sock:
             sock.bind(str(stage / f"d{d}" / "sock"))
     img = work / "fs.ext4"
     _run("mke2fs", "-q", "-F", "-t", "ext4", "-b", str(BS), "-O", "^metadata_csum", "-d",
-         stage, img, "8M")  # fmt: skip
+         stage, img, "16M")  # fmt: skip
     return img
+
+
+#: pipeline limits: (pieces and headers ahead, bytes of pieces ahead, ring bytes, xattr bytes)
+LIMITS = {
+    "defaults": {},
+    "one-ahead": {"AHEAD_PIECES": 1},
+    "few-bytes-ahead": {"AHEAD_PIECES": 5, "AHEAD_BYTES": 3000, "REQUEST_BATCH": 2},
+    # the smallest ring a 1 MiB piece fits: it wraps and the reader waits for room often
+    "small-ring": {"RING_BYTES": split.CHUNK + 4096, "AHEAD_BYTES": 4 << 20},
+    "held-back": {"HELD_BYTES": 1000, "AHEAD_PIECES": 7, "XATTR_BYTES": 10},
+}
+
+
+class _Counted:
+    """Counts what the writer handed to the reader (pieces, headers) and what it did itself."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.handed = self.kept = 0
+        for name in ("defer", "defer_header"):
+            method = getattr(split.ContentPipeline, name)
+
+            def counted(*args: object, _method: Any = method) -> bool:
+                taken = bool(_method(*args))
+                if taken:
+                    self.handed += 1
+                else:
+                    self.kept += 1
+                return taken
+
+            monkeypatch.setattr(split.ContentPipeline, name, counted)
 
 
 def _convert(
@@ -69,14 +105,15 @@ def _convert(
     return ova2img.convert(src, out)
 
 
-@pytest.mark.parametrize(("items", "content"), [(1, 1 << 30), (3, 1 << 30), (7, 2000)])
-def test_two_writers_write_the_same_archive(
-    image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, items: int, content: int
+@pytest.mark.parametrize("limits", list(LIMITS))
+def test_two_processes_write_the_same_archive(
+    image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limits: str
 ) -> None:
     assert split.split_enabled(), "this machine has 2 CPUs and fork: the split must run"
-    monkeypatch.setattr(split, "BATCH_ITEMS", items)
-    monkeypatch.setattr(split, "BATCH_BYTES", content)
+    for name, value in LIMITS[limits].items():
+        monkeypatch.setattr(split, name, value)
     one = _convert(image, tmp_path / "one.tar", "1", monkeypatch)
+    counted = _Counted(monkeypatch)
     two = _convert(image, tmp_path / "two.tar", "2", monkeypatch)
     assert (tmp_path / "one.tar").read_bytes() == (tmp_path / "two.tar").read_bytes()
     assert (one.entries, one.data_bytes, one.warnings) == (
@@ -84,6 +121,12 @@ def test_two_writers_write_the_same_archive(
         two.data_bytes,
         two.warnings,
     )
+    assert any("sock" in w for w in two.warnings)
+    # the reader did its part (how much depends on timing) …
+    assert counted.handed > 0
+    if "AHEAD_PIECES" in LIMITS[limits]:
+        assert counted.kept > 0  # … and with few answers ahead so did the writer
+    # (with the small ring, the pieces handed over, over 3 MiB, went round it several times)
 
 
 def _qcow2_with_bad_cluster(img: Path, tmp_path: Path) -> Path:
@@ -113,14 +156,15 @@ def _qcow2_with_bad_cluster(img: Path, tmp_path: Path) -> Path:
     return q
 
 
-@pytest.mark.parametrize("items", [1, 2, 3])
-def test_an_error_of_the_second_writer_is_raised_as_it_is(
-    image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, items: int
+@pytest.mark.parametrize("limits", ["defaults", "one-ahead", "small-ring"])
+def test_an_error_of_the_reader_is_raised_as_it_is(
+    image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limits: str
 ) -> None:
-    # With batches of 1, 2 and 3 items, /big.bin falls in the second writer's batches in at
-    # least one case; the error must be the one a single process raises, word for word.
+    # /big.bin's content fails to read, whichever process reads it; the error must be the one
+    # a single process raises, word for word, and no output is left.
     q = _qcow2_with_bad_cluster(image, tmp_path)
-    monkeypatch.setattr(split, "BATCH_ITEMS", items)
+    for name, value in LIMITS[limits].items():
+        monkeypatch.setattr(split, name, value)
     errors = []
     for workers in ("1", "2"):
         with pytest.raises(Ova2imgError) as caught:
@@ -129,6 +173,40 @@ def test_an_error_of_the_second_writer_is_raised_as_it_is(
         assert not (tmp_path / f"out{workers}.tar").exists()
     assert errors[0] == errors[1]
     assert "disk" in errors[0][1]
+
+
+def test_the_reader_gone_is_one_error(
+    image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def dies(*args: object) -> None:
+        os._exit(3)
+
+    monkeypatch.setattr(split, "_serve", dies)
+    with pytest.raises(SinkError, match="reader process ended unexpectedly"):
+        _convert(image, tmp_path / "out.tar", "2", monkeypatch)
+    assert not (tmp_path / "out.tar").exists()
+
+
+def test_an_earlier_failure_of_the_reader_comes_first(
+    image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The writer fails at an entry after /big.bin, while the reader's answer for /big.bin (an
+    # error) is still on its way: the archive's order says which failure is reported.
+    q = _qcow2_with_bad_cluster(image, tmp_path)
+    walk = ova2img.Guest.walk
+
+    def failing_walk(self: ova2img.Guest, *args: Any, **kwargs: Any) -> Any:
+        for item in walk(self, *args, **kwargs):
+            if item.path == b"d0":
+                raise FilesystemError("made-up failure after /big.bin")
+            yield item
+
+    monkeypatch.setattr(ova2img.Guest, "walk", failing_walk)
+    for workers in ("1", "2"):
+        with pytest.raises(Ova2imgError) as caught:
+            _convert(q, tmp_path / f"out{workers}.tar", workers, monkeypatch)
+        assert "made-up" not in str(caught.value)
+        assert "disk" in str(caught.value)
 
 
 def test_no_second_process_to_be_had_writes_alone(
@@ -140,47 +218,39 @@ def test_no_second_process_to_be_had_writes_alone(
         raise BlockingIOError(11, "Resource temporarily unavailable")
 
     monkeypatch.setattr(split.os, "fork", no_fork)
-    monkeypatch.setattr(split, "BATCH_ITEMS", 2)
     fds = len(os.listdir("/proc/self/fd"))
     _convert(image, tmp_path / "two.tar", "2", monkeypatch)
     assert (tmp_path / "one.tar").read_bytes() == (tmp_path / "two.tar").read_bytes()
     assert len(os.listdir("/proc/self/fd")) == fds  # the pipe was closed
 
 
-def test_second_writer_goes_on_while_the_pipe_is_full() -> None:
-    # The first process reads a batch only after writing its own: the second hands finished
-    # batches to its pipe thread and goes on (up to AHEAD waiting), then delivers all, in order.
+def test_answers_never_overwrite_what_the_writer_has_not_taken(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The reader's side of the ring: answers go one after another, wrap to the start when one
+    # does not fit at the end, and there is room only for what the writer has taken.
+    monkeypatch.setattr(split, "RING_BYTES", 100)
+    ring = mmap.mmap(-1, 100)
     r, w = os.pipe()
-    sink = split._FrameSink(w)
-    pieces = [bytes([65 + i]) * (1 << 20) for i in range(split.AHEAD + 1)]
-
-    def produce() -> None:
-        for piece in pieces:
-            sink.write(piece)
-            sink.flush()  # nobody reads yet: the pipe (64 KiB-1 MiB) is full after the first
-
-    producer = threading.Thread(target=produce)
-    producer.start()
-    producer.join(timeout=10)
-    assert not producer.is_alive(), "the second writer waited for the pipe"
-    received = bytearray()
-    reader = threading.Thread(target=lambda: received.extend(_read_all(r)))
-    reader.start()
-    sink.close()
-    os.close(w)
-    reader.join(timeout=10)
-    os.close(r)
-    frames = []
-    view = memoryview(bytes(received))
-    while view:
-        (length,) = split._FRAME.unpack(view[:4])
-        frames.append(bytes(view[4 : 4 + length]))
-        view = view[4 + length :]
-    assert frames == pieces
-
-
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 1 << 20):
-        chunks.append(chunk)
-    return b"".join(chunks)
+    answers = split._Answers(w, ring)
+    try:
+        assert answers.room(60, taken=0)
+        answers.data((b"a" * 50, b"a" * 10), 60)
+        assert not answers.room(50, taken=0)  # 40 left at the end, the start not taken
+        assert not answers.room(50, taken=49)  # the answer's last 11 bytes are not taken
+        assert answers.room(50, taken=50)  # its last 10, at 50..59, are past the new one
+        answers.data((b"b" * 50,), 50)  # at the start: the 40 bytes at the end are skipped
+        assert answers.written == 150
+        assert ring[:50] == b"b" * 50 and ring[50:60] == b"a" * 10
+        assert answers.room(10, taken=60)  # where the first answer was, 50..59
+        assert not answers.room(51, taken=60)  # not at the end (50 left), nor at the start
+        assert answers.room(100, taken=150)  # all taken: the whole ring
+        answers.fail(FilesystemError("bad piece", obj="fs"))
+        answers.flush()
+        sent = os.read(r, 4096)
+    finally:
+        del answers  # its view of the ring, before the ring is closed
+        os.close(r)
+        os.close(w)
+        ring.close()
+    assert struct.unpack_from("<III", sent) == (60, 50, 0xFFFFFFFF)
