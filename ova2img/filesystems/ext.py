@@ -817,8 +817,23 @@ class ExtFilesystem(Filesystem):
         if not size:
             return None
         bs = self.block_size
+        if ino.flags & _EXTENTS_FL:
+            # Most files: one extent in the inode itself, read here without the extent list
+            # (the checks are _load_extents'; anything else takes the long way below).
+            magic, entries, _max, depth, _gen = _EXTENT_HEADER.unpack_from(ino.i_block, 0)
+            if magic == _EXTENT_MAGIC and entries == 1 and not depth:
+                lblk, length, start_hi, start_lo = _EXTENT.unpack_from(ino.i_block, 12)
+                physical = start_hi << 32 | start_lo
+                if (
+                    not lblk
+                    and length <= _EXTENT_INIT_MAX_LEN
+                    and length * bs >= size
+                    and physical > 0
+                    and physical + -(-size // bs) <= self.block_count
+                ):
+                    return inum, [(physical * bs, size)]
         extents = self._runs_cache(inum)
-        if len(extents) == 1:  # most files
+        if len(extents) == 1:
             ext = extents[0]
             if ext.logical or ext.unwritten or ext.length * bs < size:
                 return None  # holes, or zeros to add: the stream does that

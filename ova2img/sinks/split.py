@@ -87,6 +87,8 @@ ANSWERED_BYTES = 64 << 10
 XATTR_BYTES = 64 << 10
 #: how long a failed conversion waits for its output to take the end of the archive
 ABORT_WAIT = 10.0
+#: what one read of a pipe takes at most (its messages are small; a large buffer costs)
+READ_BYTES = 64 << 10
 #: pipe capacity asked for (``F_SETPIPE_SZ``; Linux's default limit is 1 MiB)
 PIPE_BYTES = 1 << 20
 
@@ -95,6 +97,7 @@ _ZEROS = bytes(_BLOCK)
 _FileRequest = tuple[tuple[object, ...], int, int, int, int]
 _F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux)
 _FRAME = struct.Struct("<I")
+_LENGTH = _FRAME.unpack_from
 _ERROR = 0xFFFFFFFF  # a frame of this length is an error: its pickled description follows
 _IOV_MAX = 1024
 
@@ -417,13 +420,18 @@ class ContentPipeline:
         answers (until no more than *until* of the writer's bytes wait behind them)."""
         held = self._held
         out = self._out
+        answers = self._answers  # (the same object however it grows or shrinks)
         while held and self._held_bytes > until:
             before, length, call = held[0]
             if length:  # the reader's answer goes here: a piece (its length), or a member or
                 # header (-1 - the bytes of it the writer counted: padded content, or none)
-                size = self._answer(block)
-                if size < 0:
-                    return  # not there yet
+                at = self._at
+                if len(answers) - at >= 4 and (size := _LENGTH(answers, at)[0]) != _ERROR:
+                    self._at = at + 4  # the usual case, without a call
+                else:
+                    size = self._answer(block)
+                    if size < 0:
+                        return  # not there yet
                 known = length if length > 0 else -1 - length
                 if size < known or (length > 0 and size != length):
                     raise SinkError(f"the reader process sent {size} bytes for {known}")
@@ -480,7 +488,7 @@ class ContentPipeline:
             self._send(tell=True)  # it may be waiting for these, or for room
         while True:
             try:
-                data = os.read(self._answer_fd, PIPE_BYTES)
+                data = os.read(self._answer_fd, READ_BYTES)
             except BlockingIOError:
                 if not block:
                     return False
@@ -716,7 +724,7 @@ class _Requests:
 
     def _read(self) -> bool:
         try:
-            data = os.read(self._fd, PIPE_BYTES)
+            data = os.read(self._fd, READ_BYTES)
         except BlockingIOError:
             return False
         if not data:
