@@ -56,7 +56,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from .. import errors as _errors
 from ..errors import Ova2imgError, SinkError
@@ -72,8 +72,10 @@ AHEAD_BYTES = 4 << 20
 AHEAD_PIECES = 512
 #: the writer's own bytes waiting behind a piece still on its way (then it waits for it)
 HELD_BYTES = 32 << 20
-#: requests go to the reader this many at a time (sooner when it may run out of work)
-REQUEST_BATCH = 16
+#: requests with nothing of the writer's between them are answered together, this many …
+GROUP_ITEMS = 16
+#: … or about this many bytes of content
+GROUP_BYTES = 1 << 20
 #: output gathered before a write
 CHUNK = 1 << 20
 #: writes waiting for the writer's output thread (memory: QUEUED x CHUNK)
@@ -135,7 +137,10 @@ def write_tar_split(
     """
     # What the reader may be asked to read from: the filesystems alive now, which it inherits.
     readers = live_filesystems()
-    ring = mmap.mmap(-1, RING_BYTES)  # anonymous and shared: the reader inherits it
+    try:
+        ring = mmap.mmap(-1, RING_BYTES)  # anonymous and shared: the reader inherits it
+    except OSError:  # no memory to be had for it: write alone
+        return write_alone(items, make_writer(out))
     requests = os.pipe()
     answers = os.pipe()
     for fd in (requests[1], answers[1]):
@@ -168,7 +173,13 @@ def write_tar_split(
     os.close(requests[0])
     os.close(answers[1])
     writer = make_writer(out)
-    pipeline = ContentPipeline(writer.emit_out, requests[1], answers[0], ring, readers)
+    try:
+        pipeline = ContentPipeline(writer.emit_out, requests[1], answers[0], ring, readers)
+    except BaseException:
+        for fd in (requests[1], answers[0]):
+            os.close(fd)
+        _reap(pid)
+        raise
     try:
         writer.attach(pipeline)
         try:
@@ -234,16 +245,17 @@ class ContentPipeline:
         self._readers = readers
         self._known: Filesystem | None = None  # the last filesystem found in *readers*
         self._out = bytearray()  # in order, to be written
-        # behind the first answer still on its way: (bytes before an answer; what it is: 0
-        # none, > 0 a piece of that length, < 0 a header or member, see _take; a call to make
-        # there or None)
-        self._held: collections.deque[tuple[bytes | bytearray, int, Callable[[], None] | None]] = (
-            collections.deque()
-        )
+        # behind the first answer still on its way: (bytes; then 0 and a call to make there
+        # or None; or -1 - the bytes the writer counted of an answer that goes after them and
+        # the number of requests it answers)
+        self._held: collections.deque[tuple[bytes | bytearray, int, Any]] = collections.deque()
         self._held_bytes = 0
         self._ahead = 0  # pieces asked for and not yet taken
         self._ahead_bytes = 0
-        self._unsent: list[tuple[object, ...]] = []
+        self._unsent: list[list[tuple[object, ...]]] = []  # groups of requests, to send
+        self._unsent_items = 0  # requests in them and in the open group
+        self._group: list[tuple[object, ...]] | None = None  # the open group (held[-1])
+        self._group_known = 0
         self._answers = bytearray()  # answer lengths from the reader; from ``_at`` on not taken
         self._at = 0
         self._deadline: float | None = None  # when waiting for answers stops (a failure)
@@ -256,6 +268,7 @@ class ContentPipeline:
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Bytes of the archive, after everything written or deferred so far."""
         if self._held:
+            self._close_group()
             self._held.append((data if type(data) is bytes else bytes(data), 0, None))
             self._held_bytes += len(data)
             if self._held_bytes > HELD_BYTES:
@@ -273,24 +286,9 @@ class ContentPipeline:
         the bytes *before* (which it then owns), and keep its place in the archive; ``False``
         (*before* untouched) when the writer had better read it itself: the reader has
         enough to do, or does not know *fs*."""
-        if fs is not self._known:
-            if self._readers.get(id(fs)) is not fs:
-                return False  # made after the fork: the reader does not have it
-            self._known = fs
-        if self._ahead >= AHEAD_PIECES or self._ahead_bytes + length > AHEAD_BYTES:
-            self._take(block=False)
-            if self._ahead >= AHEAD_PIECES or self._ahead_bytes + length > AHEAD_BYTES:
-                return False
-        unsent = self._unsent
-        unsent.append((id(fs), token, offset, length))
-        self._ahead += 1
-        self._ahead_bytes += length
-        self._held.append((before, length, None))
-        self._held_bytes += len(before)
-        # the reader may be running out of work: send now, else in batches
-        if len(unsent) >= REQUEST_BATCH or self._ahead - len(unsent) < REQUEST_BATCH:
-            self._send()
-        return True
+        if not self._knows(fs):
+            return False
+        return self._defer(before, (id(fs), token, offset, length), length)
 
     def defer_header(self, before: bytearray, fields: tuple[object, ...]) -> bool:
         """Ask the reader to make a member's header (``build_header(*fields)``) to go after
@@ -299,18 +297,7 @@ class ContentPipeline:
         xattrs = fields[-1]
         if isinstance(xattrs, dict) and sum(map(len, xattrs.values())) > XATTR_BYTES:
             return False
-        if self._ahead >= AHEAD_PIECES:
-            self._take(block=False)
-            if self._ahead >= AHEAD_PIECES:
-                return False
-        unsent = self._unsent
-        unsent.append(fields)
-        self._ahead += 1
-        self._held.append((before, -1, None))
-        self._held_bytes += len(before)
-        if len(unsent) >= REQUEST_BATCH or self._ahead - len(unsent) < REQUEST_BATCH:
-            self._send()
-        return True
+        return self._defer(before, fields, 0)
 
     def defer_file(
         self,
@@ -325,27 +312,65 @@ class ContentPipeline:
         its content in one piece (``fs.read_piece(token, offset, size)``) and the padding to
         a block, after the bytes *before* (which it then owns); ``False`` (*before*
         untouched) when the writer had better do it itself."""
-        if fs is not self._known:
-            if self._readers.get(id(fs)) is not fs:
-                return False  # made after the fork: the reader does not have it
-            self._known = fs
+        if not self._knows(fs):
+            return False
         xattrs = fields[-1]
         if isinstance(xattrs, dict) and sum(map(len, xattrs.values())) > XATTR_BYTES:
             return False
-        known = size + -size % _BLOCK  # what the writer counted; the header comes on top
+        # what the writer counted of it (the padded content); the header comes on top
+        known = size + -size % _BLOCK
+        return self._defer(before, (fields, id(fs), token, offset, size), known)
+
+    def _knows(self, fs: Filesystem) -> bool:
+        """Whether the reader has *fs* (it was there at the fork)."""
+        if fs is not self._known:
+            if self._readers.get(id(fs)) is not fs:
+                return False
+            self._known = fs
+        return True
+
+    def _defer(self, before: bytearray, request: tuple[object, ...], known: int) -> bool:
+        """Hand *request* to the reader, its answer (of at least *known* bytes, which the
+        writer counted) to go after *before*; ``False`` when the reader has enough to do.
+
+        Requests that follow one another with nothing of the writer's between them form a
+        group (up to :data:`GROUP_ITEMS` of them, about :data:`GROUP_BYTES`): one answer, in
+        one piece of the ring, for all of them."""
         if self._ahead >= AHEAD_PIECES or self._ahead_bytes + known > AHEAD_BYTES:
             self._take(block=False)
             if self._ahead >= AHEAD_PIECES or self._ahead_bytes + known > AHEAD_BYTES:
                 return False
-        unsent = self._unsent
-        unsent.append((fields, id(fs), token, offset, size))
+        group = self._group
+        if (
+            group is not None
+            and not before
+            and len(group) < GROUP_ITEMS
+            and self._group_known + known <= GROUP_BYTES
+        ):
+            group.append(request)
+            self._group_known += known
+            self._held[-1] = (self._held[-1][0], -1 - self._group_known, len(group))
+        else:
+            self._close_group()
+            group = self._group = [request]
+            self._group_known = known
+            self._held.append((before, -1 - known, 1))
+            self._held_bytes += len(before)
         self._ahead += 1
         self._ahead_bytes += known
-        self._held.append((before, -1 - known, None))
-        self._held_bytes += len(before)
-        if len(unsent) >= REQUEST_BATCH or self._ahead - len(unsent) < REQUEST_BATCH:
-            self._send()
+        self._unsent_items += 1
+        if self._ahead - self._unsent_items < GROUP_ITEMS:
+            self._send()  # the reader may be running out of work
+        elif len(group) >= GROUP_ITEMS:
+            self._close_group()
+            if len(self._unsent) >= 2:
+                self._send()
         return True
+
+    def _close_group(self) -> None:
+        if self._group is not None:
+            self._unsent.append(self._group)
+            self._group = None
 
     def drain(self) -> None:
         """Wait for every answer and put it in place."""
@@ -354,6 +379,7 @@ class ContentPipeline:
     def later(self, call: Callable[[], None]) -> None:
         """Call *call* when everything written or deferred so far is in the output."""
         if self._held:
+            self._close_group()
             self._held.append((b"", 0, call))
         else:
             call()
@@ -403,11 +429,13 @@ class ContentPipeline:
     def _send(self, *, tell: bool = False) -> None:
         """Send the requests gathered, with how far the answers are taken (alone, *tell*:
         when that changed)."""
+        self._close_group()
         if not self._unsent and not (tell and self._taken != self._told):
             return
         payload = marshal.dumps((self._taken, self._unsent))
         self._told = self._taken
         self._unsent = []
+        self._unsent_items = 0
         view = memoryview(_FRAME.pack(len(payload)) + payload)
         try:
             while view:  # a few hundred pieces at most are on their way: the pipe holds them
@@ -422,9 +450,9 @@ class ContentPipeline:
         out = self._out
         answers = self._answers  # (the same object however it grows or shrinks)
         while held and self._held_bytes > until:
-            before, length, call = held[0]
-            if length:  # the reader's answer goes here: a piece (its length), or a member or
-                # header (-1 - the bytes of it the writer counted: padded content, or none)
+            before, length, count = held[0]
+            if length:  # the reader's answer to a group of *count* requests goes here
+                # (length: -1 - the bytes of it the writer counted: content, padding)
                 at = self._at
                 if len(answers) - at >= 4 and (size := _LENGTH(answers, at)[0]) != _ERROR:
                     self._at = at + 4  # the usual case, without a call
@@ -432,8 +460,8 @@ class ContentPipeline:
                     size = self._answer(block)
                     if size < 0:
                         return  # not there yet
-                known = length if length > 0 else -1 - length
-                if size < known or (length > 0 and size != length):
+                known = -1 - length
+                if size < known:
                     raise SinkError(f"the reader process sent {size} bytes for {known}")
                 out += before
                 at = self._written % RING_BYTES
@@ -443,13 +471,13 @@ class ContentPipeline:
                 out += self._ring_view[at : at + size]
                 self._written += size
                 self._taken = self._written
-                self._ahead -= 1
+                self._ahead -= count
                 self._ahead_bytes -= known
                 self.made_bytes += size - known
             else:
                 out += before
-                if call is not None:
-                    call()
+                if count is not None:
+                    count()  # a call to make here (a warning)
             held.popleft()
             self._held_bytes -= len(before)
             if len(out) >= CHUNK:
@@ -598,7 +626,7 @@ class _Answers:
         gap = RING_BYTES - at if at + size > RING_BYTES else 0
         return self.written + gap + size - taken <= RING_BYTES
 
-    def data(self, parts: tuple[bytes | bytearray, ...], size: int) -> None:
+    def data(self, parts: list[bytes | bytearray], size: int) -> None:
         """An answer of *size* bytes in *parts* (it has :meth:`room`): a piece that was read,
         a header that was made, a small member."""
         at = self.written % RING_BYTES
@@ -612,7 +640,7 @@ class _Answers:
         self.written += size
         self._lengths += _FRAME.pack(size)
         self._since += size
-        if self._since >= ANSWERED_BYTES or len(self._lengths) >= 4 * REQUEST_BATCH:
+        if self._since >= ANSWERED_BYTES or len(self._lengths) >= 16:
             self.flush()  # the writer may be waiting: tell it every few answers
 
     def fail(self, exc: BaseException) -> None:
@@ -659,34 +687,55 @@ def _serve(
         broken = exc
     inbox = _Requests(request_fd)
     while True:
-        request = inbox.next(answers)
-        if request is None:
+        group = inbox.next(answers)
+        if group is None:
             break
         try:
-            parts: tuple[bytes | bytearray, ...]
-            if len(request) == 5:  # a small member: header, content, padding
-                if broken is not None:
-                    raise broken
-                fields, key, token, offset, length = cast(_FileRequest, request)
-                content = readers[key].read_piece(token, offset, length)
-                parts = (build_header(*fields), content, _ZEROS[: -length % _BLOCK])
-            elif len(request) != 4:  # a member's fields
-                parts = (build_header(*request),)
-            else:
-                if broken is not None:
-                    raise broken
-                key, token, offset, length = cast("tuple[int, int, int, int]", request)
-                parts = (readers[key].read_piece(token, offset, length),)
+            if broken is not None:
+                raise broken
+            parts = _answer(group, readers, build_header)
         except Exception as exc:  # the writer raises it where this answer belongs
             answers.fail(exc)
             continue
         size = sum(map(len, parts))
+        if size > RING_BYTES:  # a group is kept far smaller: never wait for room forever
+            answers.fail(SinkError(f"an answer of {size} bytes does not fit the ring"))
+            continue
         while not answers.room(size, inbox.taken):
             answers.flush()  # the writer takes what is there, then says so
             if not inbox.wait():
                 return
         answers.data(parts, size)
     answers.flush()
+
+
+def _answer(
+    group: list[tuple[object, ...]],
+    readers: dict[int, Filesystem],
+    build_header: Callable[..., bytes | bytearray],
+) -> list[bytes | bytearray]:
+    """The bytes that answer a group of requests: for each, a piece that was read, a header
+    that was made, or a small member (header, content, padding)."""
+    parts: list[bytes | bytearray] = []
+    for request in group:
+        if len(request) == 5:  # a small member
+            fields, key, token, offset, length = cast(_FileRequest, request)
+            parts.append(build_header(*fields))
+            parts.append(_piece(readers[key], token, offset, length))
+            parts.append(_ZEROS[: -length % _BLOCK])
+        elif len(request) == 4:  # a piece
+            key, token, offset, length = cast("tuple[int, int, int, int]", request)
+            parts.append(_piece(readers[key], token, offset, length))
+        else:  # a member's fields
+            parts.append(build_header(*request))
+    return parts
+
+
+def _piece(fs: Filesystem, token: int, offset: int, length: int) -> bytes:
+    data = fs.read_piece(token, offset, length)
+    if len(data) != length:  # read_piece reads exactly or raises: an adapter's bug
+        raise SinkError(f"a piece of {length} bytes read as {len(data)}")
+    return data
 
 
 class _Requests:
@@ -699,13 +748,13 @@ class _Requests:
         self._poll = select.poll()
         self._poll.register(fd, select.POLLIN)
         self._buf = bytearray()
-        self._queue: collections.deque[tuple[object, ...]] = collections.deque()
+        self._queue: collections.deque[list[tuple[object, ...]]] = collections.deque()
         self.taken = 0
         self._ended = False
 
-    def next(self, answers: _Answers) -> tuple[object, ...] | None:
-        """The next request (``None``: the writer is done); tells the writer what is answered
-        before waiting for more."""
+    def next(self, answers: _Answers) -> list[tuple[object, ...]] | None:
+        """The next group of requests (``None``: the writer is done); tells the writer what is
+        answered before waiting for more."""
         while not self._queue:
             if self._ended:
                 return None

@@ -68,13 +68,14 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return img
 
 
-#: pipeline limits: (pieces and headers ahead, bytes of pieces ahead, ring bytes, xattr bytes)
+#: pipeline limits (see ova2img.sinks.split)
 LIMITS = {
     "defaults": {},
     "one-ahead": {"AHEAD_PIECES": 1},
-    "few-bytes-ahead": {"AHEAD_PIECES": 5, "AHEAD_BYTES": 3000, "REQUEST_BATCH": 2},
-    # the smallest ring a 1 MiB piece fits: it wraps and the reader waits for room often
-    "small-ring": {"RING_BYTES": split.CHUNK + 4096, "AHEAD_BYTES": 4 << 20},
+    "few-bytes-ahead": {"AHEAD_PIECES": 5, "AHEAD_BYTES": 3000, "GROUP_ITEMS": 2},
+    # a ring a group of 1 MiB (and its headers) just fits: it wraps and the reader waits for
+    # room often
+    "small-ring": {"RING_BYTES": split.GROUP_BYTES + (64 << 10), "AHEAD_BYTES": 4 << 20},
     "held-back": {"HELD_BYTES": 1000, "AHEAD_PIECES": 7, "XATTR_BYTES": 10},
 }
 
