@@ -829,7 +829,7 @@ class ExtFilesystem(Filesystem):
                     and length <= _EXTENT_INIT_MAX_LEN
                     and length * bs >= size
                     and physical > 0
-                    and physical + -(-size // bs) <= self.block_count
+                    and physical + length <= self.block_count
                 ):
                     return inum, [(physical * bs, size)]
         extents = self._runs_cache(inum)
