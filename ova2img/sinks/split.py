@@ -17,16 +17,18 @@ the work itself: it asks the reader for pieces while fewer than :data:`AHEAD_BYT
 small files (the walk is most of the work) and large ones (reading is) both keep the two cores
 busy. Its own bytes wait behind a missing piece (at most :data:`HELD_BYTES` of them).
 
-The reader also makes tar headers when it has time (the writer sends a member's fields; a
-header with PAX records costs more than sending them). Its answers' bytes go into memory the
-two processes share (a ring of :data:`RING_BYTES`; copying is not free on a small VM), and
-only their lengths through a pipe; the writer tells the reader, with its next requests, how
-far it has taken them, and the reader never overwrites what the writer has not taken.
+The reader also makes tar headers (the writer sends a member's fields; a header with PAX
+records costs more than sending them), and for a small file the whole member: header, content
+and padding. Requests with nothing of the writer's between them (a directory of small files)
+form a group with one answer. The answers' bytes go into memory the two processes share (a
+ring of :data:`RING_BYTES`; copying is not free on a small VM), and only their lengths through
+a pipe; the writer tells the reader, with its next requests, how far it has taken them, and the
+reader never overwrites what the writer has not taken. The writer's output is written by a
+thread of its own.
 
 The reader only reads the guest: every regular file it inherited is reopened read-only with
-its own file offset (``/proc/self/fd``), so its reads never move the writer's offsets. A
-thread of its own writes its answers to the pipe while it reads the next pieces; it ignores
-SIGINT (the first process handles Ctrl-C), and ends when the writer closes its end of the
+its own file offset (``/proc/self/fd``), so its reads never move the writer's offsets. It
+ignores SIGINT (the writer handles Ctrl-C), and ends when the writer closes its end of the
 request pipe or exits. An error it meets reading a piece (a corrupt extent, a truncated
 grain) is sent back instead of the piece, and the writer raises it, with the same class and
 message, where that piece belongs in the archive: a failure that comes earlier in the
@@ -101,7 +103,6 @@ _F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux)
 _FRAME = struct.Struct("<I")
 _LENGTH = _FRAME.unpack_from
 _ERROR = 0xFFFFFFFF  # a frame of this length is an error: its pickled description follows
-_IOV_MAX = 1024
 
 
 def split_enabled() -> bool:
