@@ -462,12 +462,9 @@ class XfsFilesystem(Filesystem):
 
     def read_piece(self, token: int, offset: int, length: int) -> bytes:
         """*length* bytes of the volume at *offset*, a piece of inode *token*'s content."""
-        try:
-            return self._read(offset, length)
-        except Ova2imgError:
-            raise
-        except _DECODE_ERRORS as exc:
-            raise FilesystemError(f"{inode_label(token)}: {exc}", obj=self._name) from exc
+        return decode_guarded(
+            lambda _: self._read(offset, length), token, _DECODE_ERRORS, inode_label, self._name
+        )
 
     def data_runs(self, handle: object) -> list[DataRun] | None:
         """Byte ranges of a regular file that hold data, merged, sorted, clipped to its size.
