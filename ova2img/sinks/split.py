@@ -82,6 +82,8 @@ GROUP_BYTES = 1 << 20
 CHUNK = 1 << 20
 #: writes waiting for the writer's output thread (memory: QUEUED x CHUNK)
 QUEUED = 4
+#: while the reader is behind, the writer looks for its answers every this many requests
+BUSY_TRIES = 8
 #: the memory shared by the two processes, where the reader puts its answers' bytes (a ring)
 RING_BYTES = 16 << 20
 #: the reader tells the writer what it answered at least every this many bytes
@@ -257,6 +259,7 @@ class ContentPipeline:
         self._unsent_items = 0  # requests in them and in the open group
         self._group: list[tuple[object, ...]] | None = None  # the open group (held[-1])
         self._group_known = 0
+        self._busy = 0  # requests refused since the writer last looked for answers
         self._answers = bytearray()  # answer lengths from the reader; from ``_at`` on not taken
         self._at = 0
         self._deadline: float | None = None  # when waiting for answers stops (a failure)
@@ -338,6 +341,12 @@ class ContentPipeline:
         group (up to :data:`GROUP_ITEMS` of them, about :data:`GROUP_BYTES`): one answer, in
         one piece of the ring, for all of them."""
         if self._ahead >= AHEAD_PIECES or self._ahead_bytes + known > AHEAD_BYTES:
+            # The reader is behind: the writer does this one itself, and looks for answers to
+            # take (a read of the pipe, mostly for nothing) only every few times.
+            self._busy += 1
+            if self._busy < BUSY_TRIES:
+                return False
+            self._busy = 0
             self._take(block=False)
             if self._ahead >= AHEAD_PIECES or self._ahead_bytes + known > AHEAD_BYTES:
                 return False
