@@ -70,7 +70,8 @@ if TYPE_CHECKING:
 
 #: the writer asks the reader for pieces while fewer than this many bytes of them …
 AHEAD_BYTES = 4 << 20
-#: … and fewer than this many pieces are on their way; else it reads the next piece itself
+#: … and fewer than this many requests (twice as many for pieces alone) are on their way;
+#: else it does the next one itself
 AHEAD_PIECES = 512
 #: the writer's own bytes waiting behind a piece still on its way (then it waits for it)
 HELD_BYTES = 32 << 20
@@ -260,6 +261,7 @@ class ContentPipeline:
         self._group: list[tuple[object, ...]] | None = None  # the open group (held[-1])
         self._group_known = 0
         self._busy = 0  # requests refused since the writer last looked for answers
+        self._failed = False  # an answer was an error
         self._answers = bytearray()  # answer lengths from the reader; from ``_at`` on not taken
         self._at = 0
         self._deadline: float | None = None  # when waiting for answers stops (a failure)
@@ -292,7 +294,10 @@ class ContentPipeline:
         enough to do, or does not know *fs*."""
         if not self._knows(fs):
             return False
-        return self._defer(before, (id(fs), token, offset, length), length)
+        # (further ahead than whole members: when the reader is behind, the writer makes the
+        # headers itself and still hands over the reading, which its grain cache would
+        # otherwise do a second time)
+        return self._defer(before, (id(fs), token, offset, length), length, 2 * AHEAD_PIECES)
 
     def defer_header(self, before: bytearray, fields: tuple[object, ...]) -> bool:
         """Ask the reader to make a member's header (``build_header(*fields)``) to go after
@@ -301,7 +306,7 @@ class ContentPipeline:
         xattrs = fields[-1]
         if isinstance(xattrs, dict) and sum(map(len, xattrs.values())) > XATTR_BYTES:
             return False
-        return self._defer(before, fields, 0)
+        return self._defer(before, fields, 0, AHEAD_PIECES)
 
     def defer_file(
         self,
@@ -323,7 +328,7 @@ class ContentPipeline:
             return False
         # what the writer counted of it (the padded content); the header comes on top
         known = size + -size % _BLOCK
-        return self._defer(before, (fields, id(fs), token, offset, size), known)
+        return self._defer(before, (fields, id(fs), token, offset, size), known, AHEAD_PIECES)
 
     def _knows(self, fs: Filesystem) -> bool:
         """Whether the reader has *fs* (it was there at the fork)."""
@@ -333,14 +338,17 @@ class ContentPipeline:
             self._known = fs
         return True
 
-    def _defer(self, before: bytearray, request: tuple[object, ...], known: int) -> bool:
+    def _defer(
+        self, before: bytearray, request: tuple[object, ...], known: int, limit: int
+    ) -> bool:
         """Hand *request* to the reader, its answer (of at least *known* bytes, which the
-        writer counted) to go after *before*; ``False`` when the reader has enough to do.
+        writer counted) to go after *before*; ``False`` when the reader has enough to do
+        (*limit* requests, or :data:`AHEAD_BYTES`, on their way).
 
         Requests that follow one another with nothing of the writer's between them form a
         group (up to :data:`GROUP_ITEMS` of them, about :data:`GROUP_BYTES`): one answer, in
         one piece of the ring, for all of them."""
-        if self._ahead >= AHEAD_PIECES or self._ahead_bytes + known > AHEAD_BYTES:
+        if self._ahead >= limit or self._ahead_bytes + known > AHEAD_BYTES:
             # The reader is behind: the writer does this one itself, and looks for answers to
             # take (a read of the pipe, mostly for nothing) only every few times.
             self._busy += 1
@@ -348,7 +356,7 @@ class ContentPipeline:
                 return False
             self._busy = 0
             self._take(block=False)
-            if self._ahead >= AHEAD_PIECES or self._ahead_bytes + known > AHEAD_BYTES:
+            if self._ahead >= limit or self._ahead_bytes + known > AHEAD_BYTES:
                 return False
         group = self._group
         if (
@@ -456,6 +464,8 @@ class ContentPipeline:
     def _take(self, *, block: bool, until: int = -1) -> None:
         """Move what is at the head and has arrived into the output; with *block*, wait for
         answers (until no more than *until* of the writer's bytes wait behind them)."""
+        if self._failed:
+            return  # an answer failed (and was raised): nothing more is taken
         held = self._held
         out = self._out
         answers = self._answers  # (the same object however it grows or shrinks)
@@ -512,6 +522,9 @@ class ContentPipeline:
                     if have - 8 >= n:
                         failure = pickle.loads(buf[at + 8 : at + 8 + n])  # noqa: S301 - our child
                         self._at = at + 8 + n
+                        # nothing after this answer goes out: the archive fails here (and
+                        # the answers that follow belong to later requests, not to this one)
+                        self._failed = True
                         _raise(failure)
             if not self._receive(block):
                 return -1
