@@ -262,6 +262,7 @@ class ContentPipeline:
         self._group_known = 0
         self._busy = 0  # requests refused since the writer last looked for answers
         self._failed = False  # an answer was an error
+        self._asked = self._answered = 0  # groups sent to the reader, and answers taken
         self._answers = bytearray()  # answer lengths from the reader; from ``_at`` on not taken
         self._at = 0
         self._deadline: float | None = None  # when waiting for answers stops (a failure)
@@ -452,6 +453,7 @@ class ContentPipeline:
             return
         payload = marshal.dumps((self._taken, self._unsent))
         self._told = self._taken
+        self._asked += len(self._unsent)
         self._unsent = []
         self._unsent_items = 0
         view = memoryview(_FRAME.pack(len(payload)) + payload)
@@ -494,6 +496,7 @@ class ContentPipeline:
                 self._ahead -= count
                 self._ahead_bytes -= known
                 self.made_bytes += size - known
+                self._answered += 1
             else:
                 out += before
                 if count is not None:
@@ -537,6 +540,8 @@ class ContentPipeline:
             self._at = 0
         if block:
             self._send(tell=True)  # it may be waiting for these, or for room
+            if self._answered >= self._asked:  # a bug, but never a hang
+                raise SinkError("waiting for an answer that was not asked for")
         while True:
             try:
                 data = os.read(self._answer_fd, READ_BYTES)
