@@ -304,8 +304,7 @@ class ContentPipeline:
         """Ask the reader to make a member's header (``build_header(*fields)``) to go after
         the bytes *before* (which it then owns); ``False`` (*before* untouched) when the
         reader has enough to do and the writer makes it itself."""
-        xattrs = fields[-1]
-        if isinstance(xattrs, dict) and sum(map(len, xattrs.values())) > XATTR_BYTES:
+        if _large_xattrs(fields):
             return False
         return self._defer(before, fields, 0, AHEAD_PIECES)
 
@@ -322,10 +321,7 @@ class ContentPipeline:
         its content in one piece (``fs.read_piece(token, offset, size)``) and the padding to
         a block, after the bytes *before* (which it then owns); ``False`` (*before*
         untouched) when the writer had better do it itself."""
-        if not self._knows(fs):
-            return False
-        xattrs = fields[-1]
-        if isinstance(xattrs, dict) and sum(map(len, xattrs.values())) > XATTR_BYTES:
+        if not self._knows(fs) or _large_xattrs(fields):
             return False
         # what the writer counted of it (the padded content); the header comes on top
         known = size + -size % _BLOCK
@@ -486,12 +482,10 @@ class ContentPipeline:
                 if size < known:
                     raise SinkError(f"the reader process sent {size} bytes for {known}")
                 out += before
-                at = self._written % RING_BYTES
-                if at + size > RING_BYTES:  # the reader went on at the ring's start
-                    self._written += RING_BYTES - at
-                    at = 0
+                start = _ring_start(self._written, size)
+                at = start % RING_BYTES
                 out += self._ring_view[at : at + size]
-                self._written += size
+                self._written = start + size
                 self._taken = self._written
                 self._ahead -= count
                 self._ahead_bytes -= known
@@ -604,6 +598,13 @@ class _Output:
                 self._failed = exc
 
 
+def _large_xattrs(fields: tuple[object, ...]) -> bool:
+    """Whether a member's extended attributes (the last of its fields) are too large for the
+    reader to make its header (:data:`XATTR_BYTES`)."""
+    xattrs = fields[-1]
+    return isinstance(xattrs, dict) and sum(map(len, xattrs.values())) > XATTR_BYTES
+
+
 def _raise(failure: tuple[str, str, int | None, str | None]) -> None:
     name, message, offset, obj = failure
     cls = getattr(_errors, name, None)
@@ -634,6 +635,14 @@ def _reap(pid: int) -> None:
 # -- the reader ---------------------------------------------------------------------------------
 
 
+def _ring_start(written: int, size: int) -> int:
+    """Where an answer of *size* bytes starts in the ring (counted as *written* is), after
+    *written* bytes of answers: right after them, or at the ring's start when it does not fit
+    before the end. The reader places answers with it and the writer finds them with it."""
+    at = written % RING_BYTES
+    return written + RING_BYTES - at if at + size > RING_BYTES else written
+
+
 class _Answers:
     """The reader's answers: bytes into the ring, their lengths (or an error) into the pipe,
     gathered and written when :meth:`flush` is called or enough gathered."""
@@ -650,22 +659,18 @@ class _Answers:
         on what it has not taken (from *taken* to :attr:`written`, if anything)."""
         if taken >= self.written:
             return True  # nothing waits in the ring (and no answer is larger than it)
-        at = self.written % RING_BYTES
-        gap = RING_BYTES - at if at + size > RING_BYTES else 0
-        return self.written + gap + size - taken <= RING_BYTES
+        return _ring_start(self.written, size) + size - taken <= RING_BYTES
 
     def data(self, parts: list[bytes | bytearray], size: int) -> None:
         """An answer of *size* bytes in *parts* (it has :meth:`room`): a piece that was read,
         a header that was made, a small member."""
-        at = self.written % RING_BYTES
-        if at + size > RING_BYTES:  # not at the ring's end: at its start
-            self.written += RING_BYTES - at
-            at = 0
+        start = _ring_start(self.written, size)
+        at = start % RING_BYTES
         ring = self._ring
         for part in parts:
             ring[at : at + len(part)] = part
             at += len(part)
-        self.written += size
+        self.written = start + size
         self._lengths += _FRAME.pack(size)
         self._since += size
         if self._since >= ANSWERED_BYTES or len(self._lengths) >= 16:
