@@ -83,8 +83,10 @@ GROUP_BYTES = 1 << 20
 CHUNK = 1 << 20
 #: writes waiting for the writer's output thread (memory: QUEUED x CHUNK)
 QUEUED = 4
-#: while the reader is behind, the writer looks for its answers every this many requests
+#: while the reader is behind, the writer looks for its answers every this many requests …
 BUSY_TRIES = 8
+#: … or right away before it reads a piece this large itself (a look costs far less)
+BUSY_BYTES = 64 << 10
 #: the memory shared by the two processes, where the reader puts its answers' bytes (a ring)
 RING_BYTES = 16 << 20
 #: the reader tells the writer what it answered at least every this many bytes
@@ -347,9 +349,10 @@ class ContentPipeline:
         one piece of the ring, for all of them."""
         if self._ahead >= limit or self._ahead_bytes + known > AHEAD_BYTES:
             # The reader is behind: the writer does this one itself, and looks for answers to
-            # take (a read of the pipe, mostly for nothing) only every few times.
+            # take (a read of the pipe, mostly for nothing) only every few times, unless this
+            # is a large piece: reading a megabyte costs far more than a look.
             self._busy += 1
-            if self._busy < BUSY_TRIES:
+            if self._busy < BUSY_TRIES and known < BUSY_BYTES:
                 return False
             self._busy = 0
             self._take(block=False)
