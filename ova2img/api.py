@@ -15,7 +15,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -36,7 +35,7 @@ from .assembly import (
 from .disks import VirtualDisk, open_disk
 from .errors import AssemblyError, Ova2imgError, UnsupportedError, UsageError
 from .filesystems import EntryType, open_filesystem, probe
-from .sources import Source, manifest, open_source
+from .sources import Source, open_source
 from .volumes import Volume, find_volumes
 from .volumes.lvm import assemble_lvm
 
@@ -98,7 +97,16 @@ class Guest:
         start = self.resolve(path) if path is not None else b""
         if start and self.stat(start).entry.type is not EntryType.DIR:
             raise NotADirectoryError(f"{start.decode(errors='replace')}: not a directory")
-        return walk_tree(self.mounts, exclude=exclude, start=start, lenient=lenient)
+        items = walk_tree(self.mounts, exclude=exclude, start=start, lenient=lenient)
+        if self.source.check is None:
+            return items
+        return self._settled(items)
+
+    def _settled(self, items: Iterator[TreeItem]) -> Iterator[TreeItem]:
+        """*items*, then the end of the manifest check (a guest from :func:`open_unsettled`):
+        an archive of a package whose digest differs fails before it ends."""
+        yield from items
+        self.source.settle()
 
     def resolve(self, path: str | bytes, *, follow: bool = True) -> bytes:
         """The canonical form of a guest path: relative to the guest root, without ``.``,
@@ -291,15 +299,18 @@ class Guest:
     def __enter__(self) -> Guest:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _import_usual_decoders() -> None:
-    """Import what most OVAs need next (a VMDK disk, ext filesystems): about 60 ms of
-    start-up that hides behind the manifest's hashing (see :data:`manifest.COMPANION`)."""
-    importlib.import_module("ova2img.disks.vmdk")
-    importlib.import_module("ova2img.filesystems.ext")
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        # A manifest check still running (open_unsettled): a mismatch is what fails, also in
+        # place of another failure it explains.
+        try:
+            check = self.source.check
+            if check is not None:
+                if exc is None:
+                    self.source.settle()
+                else:
+                    check.prefer_mismatch(exc)
+        finally:
+            self.close()
 
 
 def _refuse_source_as_output(source: PathLike | Sequence[PathLike], output: str) -> None:
@@ -345,22 +356,52 @@ def open(
         root: which filesystem is the root (``UUID=…``, ``LABEL=…``, ``PARTUUID=…``, a
             volume name like ``sda2``) when it cannot be told from the guest's ``/etc/fstab``.
         use_fstab: mount what the root's ``/etc/fstab`` names (``False``: the root only).
-        verify_manifest: check every digest of the OVA's/OVF's ``.mf`` before reading (a
-            mismatch is a :class:`SourceError` naming the file).
+        verify_manifest: check every digest of the OVA's/OVF's ``.mf`` (a mismatch is a
+            :class:`SourceError` naming the file) before returning; the hashing runs beside
+            the decoding.
         allow_external: let an OVF href, a VMDK extent or a backing file name a file outside
             the OVA/folder (absolute or ``..``); refused by default.
 
     Raises:
         Ova2imgError: the image cannot be read; the message says what and where.
     """
-    # While a long manifest check hashes, a second thread imports the usual decoders.
-    token = manifest.COMPANION.set(_import_usual_decoders)
+    guest = open_unsettled(
+        source,
+        root=root,
+        use_fstab=use_fstab,
+        verify_manifest=verify_manifest,
+        allow_external=allow_external,
+    )
     try:
-        src = open_source(
-            _as_list(source), verify_manifest=verify_manifest, allow_external=allow_external
-        )
-    finally:
-        manifest.COMPANION.reset(token)
+        guest.source.settle()
+    except BaseException:
+        guest.close()
+        raise
+    return guest
+
+
+def open_unsettled(
+    source: PathLike | Sequence[PathLike],
+    *,
+    root: str | None = None,
+    use_fstab: bool = True,
+    verify_manifest: bool = True,
+    allow_external: bool = False,
+) -> Guest:
+    """:func:`open`, returning while the manifest's digests may still be computed (in a
+    thread, beside the conversion: :class:`~ova2img.sources.manifest.ManifestCheck`).
+
+    For a conversion: the guest's :meth:`~Guest.walk` raises a mismatch at its end (before
+    an archive ends), and so does leaving the guest's ``with`` block, also in place of
+    another failure (a mismatch explains a decoding error better). Nothing read before that
+    may be trusted or handed out.
+    """
+    src = open_source(
+        _as_list(source),
+        verify_manifest=verify_manifest,
+        allow_external=allow_external,
+        settle=False,
+    )
     try:
         disks = [open_disk(d, i) for i, d in enumerate(src.disks)]
         volumes: list[Volume] = []
@@ -406,8 +447,12 @@ def open(
             unreadable=[f"{s.volume.name} ({s.volume.content})" for s in skipped],
         )
         return Guest(src, disks, volumes, filesystems, skipped, chosen, mounts)
-    except BaseException:
-        src.close()
+    except BaseException as exc:
+        try:
+            if src.check is not None:
+                src.check.prefer_mismatch(exc)
+        finally:
+            src.close()
         raise
 
 
@@ -489,7 +534,7 @@ def convert(
     collector = _WarningCollector()
     log.addHandler(collector)
     try:
-        with open(
+        with open_unsettled(
             source,
             root=root,
             use_fstab=use_fstab,

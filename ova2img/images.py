@@ -51,7 +51,7 @@ from .api import (
     _WarningCollector,
     guest_path,
 )
-from .api import open as open_guest
+from .api import open_unsettled as open_guest
 from .errors import SinkError, UsageError
 from .filesystems.base import EntryType
 from .report import check_report_path

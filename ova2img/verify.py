@@ -18,7 +18,7 @@ from decimal import Decimal, InvalidOperation
 from typing import BinaryIO, cast
 
 from .api import PathLike, guest_path
-from .api import open as open_guest
+from .api import open_unsettled as open_guest
 from .assembly import TreeItem
 from .errors import Ova2imgError
 from .filesystems.base import EntryType

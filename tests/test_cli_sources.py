@@ -56,3 +56,26 @@ def test_inspect_reports_the_manifest(capsys: pytest.CaptureFixture[str]) -> Non
     out = capsys.readouterr().out
     assert "manifest verified" in out
     assert "mounted at /" in out
+
+
+def test_tampered_manifest_to_stdout_never_ends_the_archive(tmp_path: Path) -> None:
+    # The digests are computed beside the conversion: a mismatch found once the tree is
+    # written still fails it before the archive's end, so `| docker import -` fails too.
+    import subprocess
+    import sys
+
+    ova = tmp_path / "tampered.ova"
+    name = _tampered_copy(ova)
+    done = subprocess.run(
+        [sys.executable, "-m", "ova2img", "convert", str(ova), "-o", "-", "-q"],
+        capture_output=True,
+        check=False,
+    )
+    assert done.returncode == 1
+    err = done.stderr.decode()
+    assert err.count("\n") == 1 and name in err and "digest mismatch" in err, err
+    names = []
+    with pytest.raises(tarfile.ReadError), tarfile.open(fileobj=io.BytesIO(done.stdout)) as tf:
+        names.extend(m.name for m in tf)  # the last member announces data that never comes
+    assert names and names[-1].startswith("./OVA2IMG-CONVERSION-FAILED")
+    assert "./etc" in names  # the tree was written: the mismatch came at its end

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
+
+if TYPE_CHECKING:
+    from .manifest import ManifestCheck
 
 
 @dataclass
@@ -42,10 +45,11 @@ class Source:
         manifest: ``verified`` (every digest of the ``.mf`` checked, every file listed),
             ``partial`` (the digests listed are right, but some files are not listed: a
             warning names them), ``absent`` (no manifest)
-            or ``skipped`` (``verify_manifest=False``).
+            or ``skipped`` (``verify_manifest=False``); ``checking`` while :attr:`check` runs.
         certificate: a ``.cert`` is present (its signature is not checked).
         spooled: bytes of temporary space held for the source (an archive read from a pipe
             or a gzip'd box is spooled to an unnamed file in ``$TMPDIR``); 0 when read in place.
+        check: the manifest's digests being computed in a thread, until :meth:`settle`.
     """
 
     name: str
@@ -56,10 +60,24 @@ class Source:
     manifest: str = "absent"
     certificate: bool = False
     spooled: int = 0
+    check: ManifestCheck | None = field(default=None, repr=False)
     _closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
+    def settle(self) -> None:
+        """Wait for the manifest check, if one runs: then :attr:`manifest` is final.
+
+        Raises:
+            SourceError: a digest differs (again on every call), or a listed file cannot be
+                read.
+        """
+        if self.check is not None:
+            self.manifest = self.check.result()
+            self.check = None
+
     def close(self) -> None:
-        """Close the files the source opened."""
+        """Stop a manifest check still running, then close the files the source opened."""
+        if self.check is not None:
+            self.check.cancel()
         while self._closers:
             self._closers.pop()()
 

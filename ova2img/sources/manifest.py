@@ -3,19 +3,21 @@
 Lines look like ``SHA256(disk1.vmdk)= 3f…`` (ovftool, VirtualBox) or ``SHA256 (disk1.vmdk) = 3f…``
 (the ``openssl dgst``/BSD style some scripts write); SHA1, SHA256 and SHA512 are accepted.
 
-Design: each listed file is hashed once, sequentially, when the source is opened — before any
-disk is decoded. The conversion reads disks at random (partition tables, inodes, directories,
-then file data in path order), so hashing "as the bytes stream past" during the conversion would
-need a coverage map and a final pass over whatever was never read; one sequential pass over a
-file that is about to be read anyway is simpler, and it reads each byte once from the page
-cache (see ``benchmarks/bench_disks.py``: SHA256 runs at about the speed of a page-cached read).
-From stdin the digests are computed while the archive is spooled, which is sequential.
+Design: each listed file is hashed once, sequentially, in a thread of its own that starts when
+the source is opened (:class:`ManifestCheck`); what lists a file the package lacks fails at once.
+The conversion reads disks at random (partition tables, inodes, directories, then file data in
+path order), so hashing "as the bytes stream past" would need a coverage map and a final pass
+over whatever was never read; one sequential pass over a file that is being read anyway is
+simpler, and it reads each byte once from the page cache (SHA-256 runs at about the speed of a
+page-cached read). Hashing and reading release the GIL, so the check overlaps with decoding on
+a second core instead of coming before it: about a second of an 870 MB OVA's conversion.
 
-While a long check runs (:data:`COMPANION_MIN_BYTES` or more to hash), the caller may have
-other work done in a second thread: :data:`COMPANION`, set by the API layer, imports the
-decoders the conversion is about to need. Hashing and reading release the GIL, so the two
-overlap on two cores; the thread ends before the check returns, so nothing is decoded before
-the digests are verified, and no thread is left running.
+Nothing built from an unchecked package is handed out: :meth:`Source.settle
+<ova2img.sources.base.Source.settle>` waits for the check and raises its mismatch, and the API
+layer calls it before it returns a guest, before a conversion's archive ends, and before any
+other failure is reported (a mismatch explains a damaged disk better than its symptom does).
+:func:`~ova2img.sources.open.open_source` settles before it returns unless asked not to.
+From stdin the digests are computed while the archive is spooled, which is sequential.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ import posixpath
 import re
 import threading
 from collections.abc import Callable
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -38,16 +39,8 @@ log = logging.getLogger("ova2img.sources")
 
 MAX_MANIFEST_SIZE = 1024 * 1024
 #: bytes hashed per call: the GIL is taken between calls, so a large chunk keeps the hash
-#: going while the companion thread runs Python code
+#: going while the conversion runs Python code
 CHUNK = 8 * 1024 * 1024
-#: work for a second thread while the digests are computed (best effort: its errors are
-#: ignored), or ``None``
-COMPANION: ContextVar[Callable[[], object] | None] = ContextVar(
-    "ova2img_manifest_companion", default=None
-)
-#: the companion runs only when the check hashes at least this much (else it would add its
-#: own time to a short check instead of hiding it)
-COMPANION_MIN_BYTES = 32 * 1024 * 1024
 ALGORITHMS = {"SHA1": "sha1", "SHA256": "sha256", "SHA512": "sha512"}
 _LINE_RE = re.compile(
     r"^(?P<algo>SHA1|SHA256|SHA512)\s*\((?P<name>.+)\)\s*=\s*(?P<digest>[0-9A-Fa-f]+)\s*$"
@@ -126,11 +119,17 @@ def coverage(digests: list[Digest], names: list[str], label: str) -> str:
     return "partial"
 
 
-def hash_stream(fh: BinaryIO, algorithm: str) -> str:
-    """Hex digest of everything ``fh`` reads from its start, read :data:`CHUNK` at a time."""
+def hash_stream(fh: BinaryIO, algorithm: str, stop: threading.Event | None = None) -> str:
+    """Hex digest of everything ``fh`` reads from its start, read :data:`CHUNK` at a time.
+
+    Raises:
+        SourceError: *stop* was set before the end.
+    """
     h = hashlib.new(algorithm)
     fh.seek(0)
     while True:
+        if stop is not None and stop.is_set():
+            raise SourceError("the manifest check was cancelled")
         chunk = fh.read(CHUNK)
         if not chunk:
             break
@@ -138,50 +137,105 @@ def hash_stream(fh: BinaryIO, algorithm: str) -> str:
     return h.hexdigest()
 
 
-def verify_manifest(
-    digests: list[Digest], open_file: Callable[[str], BinaryIO], label: str
-) -> None:
-    """Hash every listed file (opened with ``open_file``) and compare with the manifest.
+class ManifestCheck:
+    """The digests of a manifest, computed in a thread that starts at once.
+
+    Every listed file is opened here, so a manifest that lists a file the package lacks fails
+    now; the hashing goes on beside whatever the caller does next, until :meth:`result`.
+
+    Args:
+        digests: the manifest's lines.
+        open_file: opens a listed file by its name in the manifest.
+        label: the package's name, for messages.
+        status: what :meth:`result` returns when every digest matches (``verified`` or
+            ``partial``, see :func:`coverage`).
 
     Raises:
-        SourceError: a listed file is missing, or its digest differs (naming the file, the
-            expected and the actual digest).
+        SourceError: a listed file is missing.
     """
-    companion: threading.Thread | None = None
-    try:
-        for d in digests:
-            fh = open_file(d.name)
-            try:
-                if companion is None:
-                    companion = _start_companion(fh)
-                actual = hash_stream(fh, d.algorithm)
-            finally:
+
+    def __init__(
+        self,
+        digests: list[Digest],
+        open_file: Callable[[str], BinaryIO],
+        label: str,
+        status: str,
+    ) -> None:
+        self._label = label
+        self._status = status
+        self._files: list[tuple[Digest, BinaryIO]] = []
+        try:
+            for d in digests:
+                self._files.append((d, open_file(d.name)))
+        except BaseException:
+            self._close_files()
+            raise
+        self._stop = threading.Event()
+        self._failure: SourceError | None = None
+        self._thread = threading.Thread(target=self._run, name="ova2img-manifest", daemon=True)
+        self._thread.start()
+
+    def result(self) -> str:
+        """Wait for the check to end: the manifest's status.
+
+        Raises:
+            SourceError: a digest differs (naming the file, the expected and the actual
+                digest), a listed file cannot be read, or the check was cancelled.
+        """
+        self._thread.join()
+        if self._failure is not None:
+            raise self._failure
+        return self._status
+
+    def prefer_mismatch(self, failure: BaseException) -> None:
+        """After *failure* of what the caller did meanwhile: wait for the check and raise its
+        failure (a mismatch) instead, from *failure*: a damaged package explains a decoding
+        error better than the error does. A Ctrl-C (not an :class:`Exception`) only cancels
+        the check."""
+        if not isinstance(failure, Exception):
+            self.cancel()
+            return
+        self._thread.join()
+        if self._failure is not None:
+            raise self._failure from failure
+
+    def cancel(self) -> None:
+        """Stop hashing (within one :data:`CHUNK`) and wait for the thread: the files the
+        check reads may be closed after this."""
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        _yield_cpu()
+        try:
+            for d, fh in self._files:
+                try:
+                    actual = hash_stream(fh, d.algorithm, self._stop)
+                except (OSError, ValueError) as err:  # an I/O error, or the source closed
+                    raise SourceError(
+                        f"{d.name}: cannot read it to check its {d.label} digest: {err}",
+                        obj=self._label,
+                    ) from err
+                check_digest(d, actual, self._label)
+        except SourceError as err:
+            self._failure = err
+        except Exception as err:  # never lost in the thread: raised where the result is taken
+            self._failure = SourceError(f"manifest check failed: {err}", obj=self._label)
+        finally:
+            self._close_files()
+
+    def _close_files(self) -> None:
+        for _, fh in self._files:
+            with contextlib.suppress(Exception):
                 fh.close()
-            check_digest(d, actual, label)
-    finally:
-        if companion is not None:
-            companion.join()
 
 
-def _start_companion(fh: BinaryIO) -> threading.Thread | None:
-    """Start :data:`COMPANION` in a thread when it is set and *fh* is long enough."""
-    work = COMPANION.get()
-    if work is None:
-        return None
-    try:
-        size = fh.seek(0, os.SEEK_END)
-    except OSError:
-        return None
-    if size < COMPANION_MIN_BYTES:
-        return None
-
-    def run() -> None:
-        with contextlib.suppress(Exception):
-            work()
-
-    thread = threading.Thread(target=run, name="ova2img-manifest-companion", daemon=True)
-    thread.start()
-    return thread
+def _yield_cpu() -> None:
+    """Let the calling thread run only on a CPU nothing else wants (Linux ``SCHED_IDLE``):
+    the check then fills the gaps of a conversion (its start-up, a core that waits) instead of
+    taking a busy core from it, and still ends at full speed once the caller waits for it."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
 
 
 def check_digest(d: Digest, actual: str, label: str) -> None:

@@ -67,6 +67,7 @@ def open_source(
     verify_manifest: bool = True,
     allow_external: bool = False,
     stdin: BinaryIO | None = None,
+    settle: bool = True,
 ) -> Source:
     """Open one OVA/OVF/Vagrant box/``.vmx``, a VM on a VMFS datastore, stdin, or several bare
     disk images of one guest in disk order.
@@ -81,8 +82,8 @@ def open_source(
     Args:
         paths: the source(s) as the user gave them.
         verify_manifest: when the OVA/OVF has a ``.mf`` manifest, hash every file it lists
-            before returning and raise :class:`SourceError` on a mismatch (CLI:
-            ``--no-manifest-check`` passes ``False``; then ``Source.manifest`` is ``skipped``).
+            and raise :class:`SourceError` on a mismatch (CLI: ``--no-manifest-check`` passes
+            ``False``; then ``Source.manifest`` is ``skipped``).
         allow_external: let a reference that leaves the source (an absolute path or one with
             ``..`` in an OVF href, a VMDK descriptor extent, a qcow2 backing file) open that
             file on the host, relative to the directory of the image/OVA/OVF naming it (CLI:
@@ -91,6 +92,10 @@ def open_source(
             (tar or tar.gz) or one bare disk image, read once, sequentially; what needs random
             access is spooled to an unnamed file in ``$TMPDIR`` (see
             :mod:`ova2img.sources.spool`; ``Source.spooled`` tells how much).
+        settle: wait for the manifest check before returning. ``False``: it may still run
+            in a thread (:attr:`Source.check <ova2img.sources.base.Source.check>`), and the
+            caller must call :meth:`Source.settle <ova2img.sources.base.Source.settle>`
+            before it trusts anything read from the source.
 
     Raises:
         SourceError: unreadable file, malformed OVA/OVF, missing referenced file.
@@ -123,10 +128,16 @@ def open_source(
                 )
         return open_images(paths, allow_external=allow_external)
     options = {"verify_manifest": verify_manifest, "allow_external": allow_external}
-    if kinds[0] == "ova":
-        return open_ova(Path(paths[0]), paths[0], **options)
-    if kinds[0] == "ovf":
-        return open_ovf(Path(paths[0]), paths[0], **options)
+    if kinds[0] in ("ova", "ovf"):
+        opener = open_ova if kinds[0] == "ova" else open_ovf
+        source = opener(Path(paths[0]), paths[0], **options)
+        if settle:
+            try:
+                source.settle()
+            except BaseException:
+                source.close()
+                raise
+        return source
     if kinds[0] == "vmfs":
         from .vmfs import list_vmfs_vms
 

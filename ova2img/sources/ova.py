@@ -21,8 +21,7 @@ from typing import BinaryIO
 from ..errors import SourceError, UnsupportedError
 from .base import DiskFile, Source
 from .files import FileHandles, external_path, is_external, regular_file_size, safe_relative_name
-from .manifest import coverage, parse_manifest
-from .manifest import verify_manifest as verify_digests
+from .manifest import ManifestCheck, coverage, parse_manifest
 from .ovf import MAX_OVF_SIZE, disk_files, parse_envelope
 from .window import Window
 
@@ -85,18 +84,19 @@ def check_manifest(
     window: Callable[[Member], BinaryIO],
     label: str,
     verify: bool,
-) -> tuple[str, bool]:
-    """Verify the OVA's manifest member: ``(Source.manifest status, certificate present)``.
+) -> tuple[str, bool, ManifestCheck | None]:
+    """Start checking the OVA's manifest member: ``(Source.manifest status, certificate
+    present, the check running)``.
 
     Raises:
-        SourceError: a digest differs, or the manifest lists a file the OVA does not hold.
+        SourceError: a malformed manifest, or one that lists a file the OVA does not hold.
     """
     certificate = any(n.lower().endswith(".cert") for n in members)
     mf = next((m for m in members.values() if m.name.lower().endswith(".mf")), None)
     if mf is None:
-        return "absent", certificate
+        return "absent", certificate, None
     if not verify:
-        return "skipped", certificate
+        return "skipped", certificate, None
     if mf.kind != "file":
         raise SourceError(f"manifest {mf.name!r} is not a regular file", obj=label)
     with window(mf) as mfh:
@@ -108,9 +108,9 @@ def check_manifest(
             raise SourceError(f"the manifest lists {ref!r}, not in the OVA", obj=label)
         return window(m)
 
-    verify_digests(digests, open_member, label)
     package = [m.name for m in members.values() if m.kind == "file"]
-    return coverage(digests, package, label), certificate
+    status = coverage(digests, package, label)
+    return "checking", certificate, ManifestCheck(digests, open_member, label, status)
 
 
 def open_ova(
@@ -121,7 +121,8 @@ def open_ova(
     Args:
         path: the OVA.
         name: what the user called it.
-        verify_manifest: check every digest of the ``.mf`` member before anything is decoded.
+        verify_manifest: check every digest of the ``.mf`` member (in a thread: see
+            :attr:`Source.check <ova2img.sources.base.Source.check>`).
         allow_external: let names with ``..`` or absolute names (an OVF href, a descriptor
             extent, a backing file) open files on the host, relative to the OVA's directory.
 
@@ -137,7 +138,9 @@ def open_ova(
     try:
         members = index_tar(fh, file_size, name)
 
-        def check(window: Callable[[Member], BinaryIO]) -> tuple[str, bool]:
+        def check(
+            window: Callable[[Member], BinaryIO],
+        ) -> tuple[str, bool, ManifestCheck | None]:
             return check_manifest(members, window, name, verify_manifest)
 
         return tar_source(
@@ -153,7 +156,7 @@ def tar_source(
     members: dict[str, Member],
     name: str,
     base: Path,
-    check: Callable[[Callable[[Member], BinaryIO]], tuple[str, bool]],
+    check: Callable[[Callable[[Member], BinaryIO]], tuple[str, bool, ManifestCheck | None]],
     *,
     allow_external: bool,
     kind: str,
@@ -170,11 +173,13 @@ def tar_source(
         members: where each member's data lies in ``fh``.
         name: the source's name, for messages.
         base: the directory external names are relative to (``allow_external``).
-        check: checks the manifest given a member opener: ``(Source.manifest, certificate)``.
+        check: starts checking the manifest given a member opener: ``(Source.manifest,
+            certificate, the check running or None)``.
         allow_external: as for :func:`open_ova`.
         kind: ``Source.kind``.
     """
     handles = FileHandles()
+    pending: ManifestCheck | None = None
     try:
 
         def member(rel: str, context: str) -> Member:
@@ -219,18 +224,22 @@ def tar_source(
                     f"OVF descriptor {ovf.name!r} is {ovf.size} bytes, too large", obj=name
                 )
             env = parse_envelope(os.pread(fh.fileno(), ovf.size, ovf.offset), f"{name}:{ovf.name}")
-            status, certificate = check(window)
+            status, certificate, pending = check(window)
             disks = disk_files(env, name, lookup, resolve, allow_external=allow_external)
             product = env.product
         elif "metadata.json" in members:
-            status, certificate = check(window)
+            status, certificate, pending = check(window)
             disks = box_disks(members, window, name, resolve)
             kind = "box"
         else:
             raise SourceError("no .ovf descriptor in the archive", obj=name)
-    except BaseException:
-        handles.close()
-        fh.close()
+    except BaseException as exc:
+        try:
+            if pending is not None:
+                pending.prefer_mismatch(exc)
+        finally:
+            handles.close()
+            fh.close()
         raise
     return Source(
         name=name,
@@ -240,6 +249,7 @@ def tar_source(
         files={m.name: m.size for m in members.values()},
         manifest=status,
         certificate=certificate,
+        check=pending,
         _closers=[fh.close, handles.close],
     )
 

@@ -39,8 +39,7 @@ from .files import (
     regular_file_size,
     safe_relative_name,
 )
-from .manifest import coverage, parse_manifest
-from .manifest import verify_manifest as verify_digests
+from .manifest import ManifestCheck, coverage, parse_manifest
 from .packed import Concat, GzipStream, View
 
 OVF_NAMESPACES = (
@@ -395,6 +394,7 @@ def open_ovf(
         raise SourceError(f"OVF descriptor is {size} bytes, more than {MAX_OVF_SIZE}", obj=name)
     env = parse_envelope(path.read_bytes(), name)
     handles = FileHandles()
+    pending: ManifestCheck | None = None
     try:
         directory = path.parent
         resolve = directory_resolver(directory, handles, name, allow_external=allow_external)
@@ -416,9 +416,9 @@ def open_ovf(
                 if mf_path.stat().st_size > MAX_OVF_SIZE:
                     raise SourceError("manifest is too large", obj=str(mf_path))
                 digests = parse_manifest(mf_path.read_bytes(), str(mf_path))
-                verify_digests(digests, resolve, name)
                 package = [path.name, *(f.href for f in env.files.values())]
-                status = coverage(digests, package, name)
+                pending = ManifestCheck(digests, resolve, name, coverage(digests, package, name))
+                status = "checking"
         disks = disk_files(env, name, lookup, resolve, allow_external=allow_external)
         files = {path.name: size}
         for f in env.files.values():
@@ -427,8 +427,12 @@ def open_ovf(
                 files[rel] = (directory / rel).stat().st_size
             except (SourceError, OSError):
                 continue  # a non-disk reference (ISO, nvram) may legitimately be left out
-    except BaseException:
-        handles.close()
+    except BaseException as exc:
+        try:
+            if pending is not None:
+                pending.prefer_mismatch(exc)
+        finally:
+            handles.close()
         raise
     return Source(
         name=name,
@@ -438,5 +442,6 @@ def open_ovf(
         files=files,
         manifest=status,
         certificate=path.with_suffix(".cert").is_file(),
+        check=pending,
         _closers=[handles.close],
     )

@@ -419,8 +419,8 @@ def _tar(
             status = coverage(list(digests.values()), package, name)
     spooled = {k: m for k, m in members.items() if m.kind != "skipped"}
 
-    def check(window: Callable[[Member], BinaryIO]) -> tuple[str, bool]:
-        return status, certificate
+    def check(window: Callable[[Member], BinaryIO]) -> tuple[str, bool, None]:
+        return status, certificate, None  # checked while spooled
 
     source = tar_source(
         spool.file, spooled, name, base, check, allow_external=allow_external, kind="ova"

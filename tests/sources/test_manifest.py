@@ -1,4 +1,5 @@
-"""The OVF manifest: every listed digest checked before any disk is decoded."""
+"""The OVF manifest: every listed digest checked, beside the decoding, before anything is
+handed out."""
 
 from __future__ import annotations
 
@@ -82,41 +83,112 @@ def test_malformed_manifest(text: str, match: str) -> None:
         parse_manifest(text.encode(), "app.mf")
 
 
-def test_companion_runs_beside_a_long_check_and_ends_before_it(
+def _checks_running() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "ova2img-manifest"]
+
+
+def test_check_runs_beside_the_caller_until_settled(
     raw_disks: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The API layer has the decoders imported in a second thread while the digests are
-    # computed: the thread has ended when the check returns (nothing decoded before it, no
-    # thread left for the fork), its errors are its own, and a short check does without it.
+    # settle=False: the digests are computed in a thread while the caller decodes; the status
+    # says so until settle(), which waits and gives the final one (or raises the mismatch,
+    # every time it is asked).
+    ovf, names = build_appliance(tmp_path, raw_disks, "ovftool")
+    write_manifest(tmp_path, ["app.ovf", *names], "SHA256", "ovftool")
+    ova = tar_ova(tmp_path, ["app.ovf", "app.mf", *names], tmp_path / "app.ova")
+    real = manifest.hash_stream
+    gate = threading.Event()
+
+    def held(*args: object) -> str:
+        gate.wait(10)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(manifest, "hash_stream", held)
+    for source in (ova, ovf):
+        gate.clear()
+        with open_source([str(source)], settle=False) as src:
+            assert (src.manifest, len(_checks_running())) == ("checking", 1)
+            gate.set()
+            src.settle()
+            assert (src.manifest, src.check, _checks_running()) == ("verified", None, [])
+    with (tmp_path / names[1]).open("r+b") as f:
+        f.seek(100)
+        f.write(b"\xff")
+    bad = tar_ova(tmp_path, ["app.ovf", "app.mf", *names], tmp_path / "bad.ova")
+    for source in (bad, ovf):
+        with open_source([str(source)], settle=False) as src:
+            assert src.manifest == "checking"
+            for _ in range(2):
+                with pytest.raises(SourceError, match=f"{names[1]}: SHA256 digest mismatch"):
+                    src.settle()
+        assert _checks_running() == []
+
+
+def test_closing_stops_a_check_at_once(
+    raw_disks: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Closing the source (a failure or Ctrl-C elsewhere) stops the hashing within one chunk
+    # and waits for the thread before the files are closed under it.
     _, names = build_appliance(tmp_path, raw_disks, "ovftool")
     write_manifest(tmp_path, ["app.ovf", *names], "SHA256", "ovftool")
     ova = tar_ova(tmp_path, ["app.ovf", "app.mf", *names], tmp_path / "app.ova")
-    ran: list[str] = []
+    monkeypatch.setattr(manifest, "CHUNK", 512)
+    real_update = hashlib.new
+    chunks: list[int] = []
 
-    def slow() -> None:
-        time.sleep(0.2)
-        ran.append(threading.current_thread().name)
-        raise RuntimeError("ignored")
+    def slow_new(name: str) -> object:
+        h = real_update(name)
 
-    token = manifest.COMPANION.set(slow)
-    try:
-        with open_source([str(ova)]) as src:  # the disks are smaller than the threshold
-            assert src.manifest == "verified"
-        assert ran == []
-        monkeypatch.setattr(manifest, "COMPANION_MIN_BYTES", 1)
-        with open_source([str(ova)]) as src:
-            assert src.manifest == "verified"
-            assert ran == ["ova2img-manifest-companion"]
-        assert not any(t.name == "ova2img-manifest-companion" for t in threading.enumerate())
-        with (tmp_path / names[0]).open("r+b") as f:  # a mismatch: raised, thread joined
-            f.seek(100)
-            f.write(b"\xff")
-        ova = tar_ova(tmp_path, ["app.ovf", "app.mf", *names], tmp_path / "bad.ova")
-        with pytest.raises(SourceError, match="digest mismatch"):
-            open_source([str(ova)])
-        assert ran == ["ova2img-manifest-companion"] * 2
-    finally:
-        manifest.COMPANION.reset(token)
+        class Slow:
+            digest_size = h.digest_size
+
+            def update(self, data: bytes) -> None:
+                chunks.append(len(data))
+                time.sleep(0.01)
+                h.update(data)
+
+            def hexdigest(self) -> str:
+                return h.hexdigest()
+
+        return Slow()
+
+    monkeypatch.setattr(manifest.hashlib, "new", slow_new)
+    src = open_source([str(ova)], settle=False)
+    time.sleep(0.05)
+    started = time.monotonic()
+    src.close()
+    assert time.monotonic() - started < 1.0
+    assert _checks_running() == []
+    total = sum((tmp_path / n).stat().st_size for n in ["app.ovf", *names])
+    assert 0 < sum(chunks) < total  # it stopped before the end
+
+
+def test_a_mismatch_is_preferred_to_the_failure_it_explains(
+    raw_disks: list[Path], tmp_path: Path
+) -> None:
+    # A decoding error met while the check runs is reported as the mismatch (chained to it),
+    # a good package leaves the error as it is, and Ctrl-C never waits for the hashing.
+    _, names = build_appliance(tmp_path, raw_disks, "ovftool")
+    write_manifest(tmp_path, ["app.ovf", *names], "SHA256", "ovftool")
+    good = tar_ova(tmp_path, ["app.ovf", "app.mf", *names], tmp_path / "good.ova")
+    with (tmp_path / names[0]).open("r+b") as f:
+        f.write(b"\0" * 16)
+    bad = tar_ova(tmp_path, ["app.ovf", "app.mf", *names], tmp_path / "bad.ova")
+    symptom = ValueError("a damaged partition table")
+    with open_source([str(bad)], settle=False) as src:
+        assert src.check is not None
+        with pytest.raises(SourceError, match="digest mismatch") as err:
+            src.check.prefer_mismatch(symptom)
+        assert err.value.__cause__ is symptom
+    with open_source([str(good)], settle=False) as src:
+        assert src.check is not None
+        src.check.prefer_mismatch(symptom)  # nothing better to say: returns
+        src.settle()
+        assert src.manifest == "verified"
+    with open_source([str(bad)], settle=False) as src:
+        assert src.check is not None
+        src.check.prefer_mismatch(KeyboardInterrupt())  # cancelled, not waited for
+        assert _checks_running() == []
 
 
 def test_manifest_leaving_out_a_disk_is_partial_not_verified(
