@@ -91,26 +91,27 @@ def test_check_runs_beside_the_caller_until_settled(
     raw_disks: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # settle=False: the digests are computed in a thread while the caller decodes; the status
-    # says so until settle(), which waits and gives the final one (or raises the mismatch,
-    # every time it is asked).
+    # says so until settle(), which gives the final one (or raises the mismatch, every time it
+    # is asked). The thread runs at the lowest priority: settle() does not wait for it, it
+    # hashes what is left itself (here all of it: the thread is held back).
     ovf, names = build_appliance(tmp_path, raw_disks, "ovftool")
     write_manifest(tmp_path, ["app.ovf", *names], "SHA256", "ovftool")
     ova = tar_ova(tmp_path, ["app.ovf", "app.mf", *names], tmp_path / "app.ova")
-    real = manifest.hash_stream
     gate = threading.Event()
-
-    def held(*args: object) -> str:
-        gate.wait(10)
-        return real(*args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(manifest, "hash_stream", held)
+    monkeypatch.setattr(manifest, "_yield_cpu", lambda: gate.wait(10))
     for source in (ova, ovf):
         gate.clear()
         with open_source([str(source)], settle=False) as src:
             assert (src.manifest, len(_checks_running())) == ("checking", 1)
-            gate.set()
+            started = time.monotonic()
             src.settle()
-            assert (src.manifest, src.check, _checks_running()) == ("verified", None, [])
+            assert time.monotonic() - started < 5
+            assert (src.manifest, src.check) == ("verified", None)
+            gate.set()
+            for thread in _checks_running():
+                thread.join(5)
+            assert _checks_running() == []
+    monkeypatch.undo()
     with (tmp_path / names[1]).open("r+b") as f:
         f.seek(100)
         f.write(b"\xff")
@@ -121,7 +122,6 @@ def test_check_runs_beside_the_caller_until_settled(
             for _ in range(2):
                 with pytest.raises(SourceError, match=f"{names[1]}: SHA256 digest mismatch"):
                     src.settle()
-        assert _checks_running() == []
 
 
 def test_closing_stops_a_check_at_once(
@@ -132,7 +132,7 @@ def test_closing_stops_a_check_at_once(
     _, names = build_appliance(tmp_path, raw_disks, "ovftool")
     write_manifest(tmp_path, ["app.ovf", *names], "SHA256", "ovftool")
     ova = tar_ova(tmp_path, ["app.ovf", "app.mf", *names], tmp_path / "app.ova")
-    monkeypatch.setattr(manifest, "CHUNK", 512)
+    monkeypatch.setattr(manifest, "STEP", 512)
     real_update = hashlib.new
     chunks: list[int] = []
 
@@ -158,13 +158,15 @@ def test_closing_stops_a_check_at_once(
     started = time.monotonic()
     src.close()
     assert time.monotonic() - started < 1.0
+    for thread in _checks_running():
+        thread.join(1)
     assert _checks_running() == []
     total = sum((tmp_path / n).stat().st_size for n in ["app.ovf", *names])
     assert 0 < sum(chunks) < total  # it stopped before the end
 
 
 def test_a_mismatch_is_preferred_to_the_failure_it_explains(
-    raw_disks: list[Path], tmp_path: Path
+    raw_disks: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A decoding error met while the check runs is reported as the mismatch (chained to it),
     # a good package leaves the error as it is, and Ctrl-C never waits for the hashing.
@@ -185,10 +187,14 @@ def test_a_mismatch_is_preferred_to_the_failure_it_explains(
         src.check.prefer_mismatch(symptom)  # nothing better to say: returns
         src.settle()
         assert src.manifest == "verified"
+    gate = threading.Event()
+    monkeypatch.setattr(manifest, "_yield_cpu", lambda: gate.wait(10))
     with open_source([str(bad)], settle=False) as src:
         assert src.check is not None
         src.check.prefer_mismatch(KeyboardInterrupt())  # cancelled, not waited for
-        assert _checks_running() == []
+        gate.set()
+        with pytest.raises(SourceError, match="cancelled"):
+            src.settle()
 
 
 def test_manifest_leaving_out_a_disk_is_partial_not_verified(
