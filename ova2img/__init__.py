@@ -7,9 +7,10 @@ import`` tarball); every error is an :class:`Ova2imgError`.
 
 from __future__ import annotations
 
-from ._imports import defer_package_inits
+from ._imports import defer_package_inits, load_uncompiled
 
 defer_package_inits()  # before any dissect import: see ova2img/_imports.py
+load_uncompiled()
 
 from ._version import __version__  # noqa: E402
 from .api import ConversionResult, Guest, SkippedVolume, convert, open  # noqa: E402

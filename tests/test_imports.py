@@ -102,3 +102,41 @@ def test_an_ova_conversion_loads_no_datastore_vmx_or_spool_code(tmp_path: Path) 
     assert "ova2img.sources.ova" in loaded
     for other in ("ova2img.sources.vmfs", "ova2img.sources.vmx", "ova2img.sources.spool"):
         assert other not in loaded
+
+
+def test_header_definitions_load_uncompiled_and_parse_the_same() -> None:
+    # The C definitions read a few times per image are loaded without cstruct's compilation
+    # (half their import time); they must parse exactly as compiled ones, and the switch must
+    # not outlive their import.
+    out = _run(
+        """
+        import os, random
+        import ova2img, ova2img.disks.vmdk, ova2img.filesystems.ext, ova2img.volumes.table
+        from ova2img._imports import UNCOMPILED
+        import dissect.extfs.c_ext as ext_mod
+        import dissect.hypervisor.disk.c_vmdk as vmdk_mod
+        from dissect.cstruct import cstruct
+
+        print(sorted(type(sys.modules[n].__loader__).__name__ for n in UNCOMPILED))
+        print(cstruct.load.__qualname__)
+        rng = random.Random(7)
+        for uncompiled, compiled, name in (
+            (ext_mod.c_ext, cstruct().load(ext_mod.ext_def), "ext4_super_block"),
+            (ext_mod.c_ext, cstruct().load(ext_mod.ext_def), "ext4_inode"),
+            (vmdk_mod.c_vmdk, cstruct().load(vmdk_mod.vmdk_def), "VMDKSparseExtentHeader"),
+        ):
+            a, b = getattr(uncompiled, name), getattr(compiled, name)
+            assert a is not b and list(a.fields) == list(b.fields)
+            for _ in range(20):
+                raw = bytes(rng.getrandbits(8) for _ in range(1024))
+                x, y = a(raw), b(raw)
+                assert [repr(getattr(x, f)) for f in a.fields] == [
+                    repr(getattr(y, f)) for f in b.fields
+                ], name
+        print("same")
+        """.replace("import os, random", "import os, random, sys")
+    )
+    loaders, load, same = out.split("\n")[:3]
+    assert loaders == str(["_UncompiledLoader"] * 5)
+    assert load == "cstruct.load"  # the library's own, restored
+    assert same == "same"
