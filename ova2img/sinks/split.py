@@ -24,7 +24,8 @@ form a group with one answer. The answers' bytes go into memory the two processe
 ring of :data:`RING_BYTES`; copying is not free on a small VM), and only their lengths through
 a pipe; the writer tells the reader, with its next requests, how far it has taken them, and the
 reader never overwrites what the writer has not taken. The writer's output is written by a
-thread of its own.
+thread of its own; an answer of :data:`DIRECT_BYTES` or more is not copied out of the ring
+first, the thread writes it from there, and its room counts as taken only once written.
 
 The reader only reads the guest: every regular file it inherited is reopened read-only with
 its own file offset (``/proc/self/fd``), so its reads never move the writer's offsets. It
@@ -89,6 +90,9 @@ BUSY_TRIES = 8
 BUSY_BYTES = 64 << 10
 #: the memory shared by the two processes, where the reader puts its answers' bytes (a ring)
 RING_BYTES = 16 << 20
+#: answers this large go from the ring to the output as they are (the output's thread writes
+#: them, and the reader may reuse their room once written) instead of being copied first
+DIRECT_BYTES = 64 << 10
 #: the reader tells the writer what it answered at least every this many bytes
 ANSWERED_BYTES = 64 << 10
 #: headers with more extended attributes than this are made by the writer (answers must fit
@@ -240,8 +244,9 @@ class ContentPipeline:
         self._ring = ring
         self._ring_view = memoryview(ring)
         self._written = 0  # the reader's answers so far, in ring bytes (gaps at its end too)
-        self._taken = 0  # what of them is in the output
-        self._told = 0  # what the reader was last told of it
+        self._taken = 0  # what of them is copied, or handed to the output thread
+        self._direct = 0  # where the last answer handed to the output thread as it is ends
+        self._told = 0  # what the reader was last told it may reuse
         self._emit = self._output.write
         self._request_fd = request_fd
         self._answer_fd = answer_fd
@@ -439,8 +444,9 @@ class ContentPipeline:
         for fd in (self._request_fd, self._answer_fd):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self._ring_view.release()
-        self._ring.close()
+        with contextlib.suppress(BufferError):  # an output thread given up on still holds it
+            self._ring_view.release()
+            self._ring.close()
 
     # -- internals --------------------------------------------------------------------------------
 
@@ -448,10 +454,11 @@ class ContentPipeline:
         """Send the requests gathered, with how far the answers are taken (alone, *tell*:
         when that changed)."""
         self._close_group()
-        if not self._unsent and not (tell and self._taken != self._told):
+        free = self._free()
+        if not self._unsent and not (tell and free != self._told):
             return
-        payload = marshal.dumps((self._taken, self._unsent))
-        self._told = self._taken
+        payload = marshal.dumps((free, self._unsent))
+        self._told = free
         self._asked += len(self._unsent)
         self._unsent = []
         self._unsent_items = 0
@@ -487,9 +494,15 @@ class ContentPipeline:
                 out += before
                 start = _ring_start(self._written, size)
                 at = start % RING_BYTES
-                out += self._ring_view[at : at + size]
-                self._written = start + size
-                self._taken = self._written
+                self._written = self._taken = start + size
+                if size < DIRECT_BYTES:
+                    out += self._ring_view[at : at + size]
+                else:  # written from the ring (its room is reused once the thread wrote it)
+                    if out:
+                        self._emit(out)
+                        out = self._out = bytearray()
+                    self._output.write(self._ring_view[at : at + size], self._written)
+                    self._direct = self._written
                 self._ahead -= count
                 self._ahead_bytes -= known
                 self.made_bytes += size - known
@@ -505,6 +518,12 @@ class ContentPipeline:
                 out = self._out = bytearray()
         if self._taken - self._told > RING_BYTES // 4:
             self._send(tell=True)  # room for the reader, which may be waiting for it
+
+    def _free(self) -> int:
+        """How much of the ring the reader may reuse: what is taken, but nothing of (or after)
+        an answer the output thread has not written yet."""
+        released = self._output.released
+        return self._taken if released >= self._direct else released
 
     def _answer(self, block: bool) -> int:
         """The length of the reader's next answer (its bytes are next in the ring), or -1 if
@@ -536,7 +555,11 @@ class ContentPipeline:
             del self._answers[:at]
             self._at = 0
         if block:
-            self._send(tell=True)  # it may be waiting for these, or for room
+            # it may be waiting for room: for what the output thread still writes from the
+            # ring too (the writer waits for nothing else meanwhile)
+            if not self._output.wait_released(self._direct, self._deadline):
+                return False  # a failed archive's end waited long enough
+            self._send(tell=True)
             if self._answered >= self._asked:  # a bug, but never a hang
                 raise SinkError("waiting for an answer that was not asked for")
         while True:
@@ -563,16 +586,33 @@ class _Output:
 
     def __init__(self, emit: Callable[[bytes | bytearray | memoryview], None]) -> None:
         self._emit = emit
-        self._queue: queue.Queue[bytes | bytearray | memoryview | None] = queue.Queue(QUEUED)
+        self._queue: queue.Queue[tuple[bytes | bytearray | memoryview, int] | None] = queue.Queue(
+            QUEUED
+        )
         self._failed: BaseException | None = None
+        #: where the last ring answer written (or given up on, after a failure) ends
+        self.released = 0
+        self._progress = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="ova2img-output", daemon=True)
         self._thread.start()
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Write *data* (which must not change afterwards) after what came before."""
+    def write(self, data: bytes | bytearray | memoryview, ring_end: int = 0) -> None:
+        """Write *data* (which must not change afterwards) after what came before; once
+        written, :attr:`released` becomes *ring_end* if that is given (*data* is an answer in
+        the ring, ending there)."""
         if self._failed is not None:
             raise self._failed
-        self._queue.put(data)
+        self._queue.put((data, ring_end))
+
+    def wait_released(self, ring_end: int, deadline: float | None = None) -> bool:
+        """Wait until :attr:`released` reaches *ring_end* (at once when the thread ended);
+        ``False`` if *deadline* (a :func:`time.monotonic` time) came first."""
+        with self._progress:
+            while self.released < ring_end and self._thread.is_alive():
+                if deadline is not None and time.monotonic() >= deadline:
+                    return False
+                self._progress.wait(0.1)
+        return True
 
     def close(self) -> None:
         """Wait until everything is written; raise the output's error, if any."""
@@ -587,18 +627,22 @@ class _Output:
         that takes nothing for :data:`ABORT_WAIT` seconds is left as it is."""
         with contextlib.suppress(BaseException):
             if self._failed is None and self._thread.is_alive():
-                self._queue.put(tail, timeout=ABORT_WAIT)
+                self._queue.put((tail, 0), timeout=ABORT_WAIT)
             self._queue.put(None, timeout=ABORT_WAIT)
             self._thread.join(ABORT_WAIT)
 
     def _run(self) -> None:
-        while (data := self._queue.get()) is not None:
-            if self._failed is not None:
-                continue  # keep taking, so that write() never waits forever
-            try:
-                self._emit(data)
-            except BaseException as exc:
-                self._failed = exc
+        while (item := self._queue.get()) is not None:
+            data, ring_end = item
+            if self._failed is None:  # else keep taking, so that write() never waits forever
+                try:
+                    self._emit(data)
+                except BaseException as exc:
+                    self._failed = exc
+            if ring_end:
+                with self._progress:
+                    self.released = ring_end
+                    self._progress.notify_all()
 
 
 def _large_xattrs(fields: tuple[object, ...]) -> bool:

@@ -10,6 +10,7 @@ times over, with hardlinks, sparse files, xattrs and sockets on the way; the ima
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -18,6 +19,8 @@ import shutil
 import socket
 import struct
 import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ import pytest
 import ova2img
 from ova2img.errors import FilesystemError, Ova2imgError, SinkError
 from ova2img.sinks import split
+from ova2img.sinks.tar import TarWriter
 
 pytestmark = pytest.mark.skipif(
     shutil.which("mke2fs") is None or shutil.which("qemu-img") is None,
@@ -77,6 +81,14 @@ LIMITS = {
     # room often
     "small-ring": {"RING_BYTES": split.GROUP_BYTES + (64 << 10), "AHEAD_BYTES": 4 << 20},
     "held-back": {"HELD_BYTES": 1000, "AHEAD_PIECES": 7, "XATTR_BYTES": 10},
+    # every answer written from the ring by the output thread, which is slow (below): the
+    # reader must wait for the thread's writes before it reuses their room
+    "all-direct": {"DIRECT_BYTES": 1},
+    "all-direct-small-ring": {
+        "DIRECT_BYTES": 1,
+        "RING_BYTES": split.GROUP_BYTES + (64 << 10),
+        "QUEUED": 1,
+    },
 }
 
 
@@ -114,6 +126,14 @@ def test_two_processes_write_the_same_archive(
     for name, value in LIMITS[limits].items():
         monkeypatch.setattr(split, name, value)
     one = _convert(image, tmp_path / "one.tar", "1", monkeypatch)
+    if "DIRECT_BYTES" in LIMITS[limits]:
+        emit_out = TarWriter.emit_out
+
+        def slow(self: TarWriter, data: bytes | bytearray | memoryview) -> None:
+            time.sleep(0.02 if "small-ring" in limits else 0.003)
+            emit_out(self, data)
+
+        monkeypatch.setattr(TarWriter, "emit_out", slow)
     counted = _Counted(monkeypatch)
     two = _convert(image, tmp_path / "two.tar", "2", monkeypatch)
     assert (tmp_path / "one.tar").read_bytes() == (tmp_path / "two.tar").read_bytes()
@@ -255,3 +275,60 @@ def test_answers_never_overwrite_what_the_writer_has_not_taken(
         os.close(w)
         ring.close()
     assert struct.unpack_from("<III", sent) == (60, 50, 0xFFFFFFFF)
+
+
+def _told(fd: int) -> list[int]:
+    """The ``taken`` of each message the writer sent on the request pipe so far."""
+    import marshal
+
+    os.set_blocking(fd, False)
+    data = b""
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(fd, 65536):
+            data += chunk
+    told, at = [], 0
+    while at < len(data):
+        (size,) = struct.unpack_from("<I", data, at)
+        told.append(marshal.loads(data[at + 4 : at + 4 + size])[0])
+        at += 4 + size
+    return told
+
+
+def test_the_reader_reuses_no_room_the_output_thread_has_not_written(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The writer's side of the ring: a large answer goes to the output thread as it is, and
+    # the reader is told its room is free only once the thread has written it (a small one
+    # after it is copied, but its room is after the large one's).
+    monkeypatch.setattr(split, "RING_BYTES", 1000)
+    monkeypatch.setattr(split, "DIRECT_BYTES", 100)
+    ring = mmap.mmap(-1, 1000)
+    requests, answers = os.pipe(), os.pipe()
+    gate = threading.Event()
+    out: list[bytes] = []
+
+    def emit(data: bytes | bytearray | memoryview) -> None:
+        gate.wait(10)
+        out.append(bytes(data))
+
+    pipeline = split.ContentPipeline(emit, requests[1], answers[0], ring, {})
+    try:
+        assert pipeline.defer_header(bytearray(b"<"), (1,))
+        pipeline.write(b"|")  # ends the group: two answers
+        assert pipeline.defer_header(bytearray(), (2,))
+        ring[:300] = b"L" * 300  # the reader's answers: 300 bytes, then 50
+        ring[300:350] = b"s" * 50
+        os.write(answers[1], struct.pack("<II", 300, 50))
+        pipeline.drain()
+        assert _told(requests[0])[-1] == 0  # the large answer is still being written
+        gate.set()
+        assert pipeline._output.wait_released(300, time.monotonic() + 10)
+        pipeline.drain()  # (the writer's next look at the answers tells the reader)
+        assert _told(requests[0])[-1] == 350
+        pipeline.finish()
+        assert b"".join(out) == b"<" + b"L" * 300 + b"|" + b"s" * 50
+    finally:
+        gate.set()
+        pipeline.close()
+        for fd in (requests[0], answers[1]):
+            os.close(fd)
