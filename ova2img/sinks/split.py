@@ -247,7 +247,9 @@ class ContentPipeline:
         self._taken = 0  # what of them is copied, or handed to the output thread
         self._direct = 0  # where the last answer handed to the output thread as it is ends
         self._told = 0  # what the reader was last told it may reuse
-        self._emit = self._output.write
+        # what goes to the output thread next, in order: buffers and answers in the ring
+        self._parts: list[bytes | bytearray | memoryview] = []
+        self._parts_bytes = 0
         self._request_fd = request_fd
         self._answer_fd = answer_fd
         os.set_blocking(answer_fd, False)
@@ -410,7 +412,7 @@ class ContentPipeline:
     def finish(self) -> None:
         """Wait for every piece and write everything out (the archive's end included)."""
         self._take(block=True)
-        if self._out:
+        if self._out or self._parts:
             self._emit(self._out)
             self._out = bytearray()
         self._output.close()
@@ -434,7 +436,8 @@ class ContentPipeline:
         if not self._held:
             out += pending
         self._held.clear()
-        self._output.abort(out + poison)
+        parts, self._parts = self._parts, []
+        self._output.abort([*parts, out + poison])
 
     def close(self) -> None:
         """Close both pipes: the reader ends."""
@@ -449,6 +452,17 @@ class ContentPipeline:
             self._ring.close()
 
     # -- internals --------------------------------------------------------------------------------
+
+    def _emit(self, out: bytearray) -> None:
+        """Hand *out* (a full buffer, or the last) to the output, after the parts gathered."""
+        self._parts.append(out)
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Give the parts gathered to the output thread, in one write of its queue."""
+        self._output.write(self._parts, self._direct)
+        self._parts = []
+        self._parts_bytes = 0
 
     def _send(self, *, tell: bool = False) -> None:
         """Send the requests gathered, with how far the answers are taken (alone, *tell*:
@@ -498,11 +512,16 @@ class ContentPipeline:
                 if size < DIRECT_BYTES:
                     out += self._ring_view[at : at + size]
                 else:  # written from the ring (its room is reused once the thread wrote it)
+                    parts = self._parts
                     if out:
-                        self._emit(out)
+                        parts.append(out)
+                        self._parts_bytes += len(out)
                         out = self._out = bytearray()
-                    self._output.write(self._ring_view[at : at + size], self._written)
+                    parts.append(self._ring_view[at : at + size])
+                    self._parts_bytes += size
                     self._direct = self._written
+                    if self._parts_bytes >= CHUNK:
+                        self._hand_over()
                 self._ahead -= count
                 self._ahead_bytes -= known
                 self.made_bytes += size - known
@@ -557,6 +576,8 @@ class ContentPipeline:
         if block:
             # it may be waiting for room: for what the output thread still writes from the
             # ring too (the writer waits for nothing else meanwhile)
+            if self._parts:
+                self._hand_over()
             if not self._output.wait_released(self._direct, self._deadline):
                 return False  # a failed archive's end waited long enough
             self._send(tell=True)
@@ -586,8 +607,8 @@ class _Output:
 
     def __init__(self, emit: Callable[[bytes | bytearray | memoryview], None]) -> None:
         self._emit = emit
-        self._queue: queue.Queue[tuple[bytes | bytearray | memoryview, int] | None] = queue.Queue(
-            QUEUED
+        self._queue: queue.Queue[tuple[list[bytes | bytearray | memoryview], int] | None] = (
+            queue.Queue(QUEUED)
         )
         self._failed: BaseException | None = None
         #: where the last ring answer written (or given up on, after a failure) ends
@@ -596,13 +617,13 @@ class _Output:
         self._thread = threading.Thread(target=self._run, name="ova2img-output", daemon=True)
         self._thread.start()
 
-    def write(self, data: bytes | bytearray | memoryview, ring_end: int = 0) -> None:
-        """Write *data* (which must not change afterwards) after what came before; once
-        written, :attr:`released` becomes *ring_end* if that is given (*data* is an answer in
-        the ring, ending there)."""
+    def write(self, parts: list[bytes | bytearray | memoryview], ring_end: int = 0) -> None:
+        """Write *parts* (which must not change afterwards) after what came before; once
+        written, :attr:`released` becomes *ring_end* if that is given (the parts' answers in
+        the ring end there)."""
         if self._failed is not None:
             raise self._failed
-        self._queue.put((data, ring_end))
+        self._queue.put((parts, ring_end))
 
     def wait_released(self, ring_end: int, deadline: float | None = None) -> bool:
         """Wait until :attr:`released` reaches *ring_end* (at once when the thread ended);
@@ -622,9 +643,9 @@ class _Output:
         if self._failed is not None:
             raise self._failed
 
-    def abort(self, tail: bytes | bytearray) -> None:
-        """Write *tail* after what is queued (if the output still works) and stop; an output
-        that takes nothing for :data:`ABORT_WAIT` seconds is left as it is."""
+    def abort(self, tail: list[bytes | bytearray | memoryview]) -> None:
+        """Write the parts of *tail* after what is queued (if the output still works) and
+        stop; an output that takes nothing for :data:`ABORT_WAIT` seconds is left as it is."""
         with contextlib.suppress(BaseException):
             if self._failed is None and self._thread.is_alive():
                 self._queue.put((tail, 0), timeout=ABORT_WAIT)
@@ -633,12 +654,15 @@ class _Output:
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            data, ring_end = item
+            parts, ring_end = item
             if self._failed is None:  # else keep taking, so that write() never waits forever
                 try:
-                    self._emit(data)
+                    for part in parts:
+                        if part:
+                            self._emit(part)
                 except BaseException as exc:
                     self._failed = exc
+            del parts, item  # (views of the ring: none outlives the thread's use)
             if ring_end:
                 with self._progress:
                     self.released = ring_end

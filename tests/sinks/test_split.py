@@ -302,6 +302,7 @@ def test_the_reader_reuses_no_room_the_output_thread_has_not_written(
     # after it is copied, but its room is after the large one's).
     monkeypatch.setattr(split, "RING_BYTES", 1000)
     monkeypatch.setattr(split, "DIRECT_BYTES", 100)
+    monkeypatch.setattr(split, "CHUNK", 100)  # what is gathered goes to the thread at once
     ring = mmap.mmap(-1, 1000)
     requests, answers = os.pipe(), os.pipe()
     gate = threading.Event()
