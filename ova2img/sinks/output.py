@@ -438,12 +438,20 @@ def _interrupts_held() -> Iterator[Callable[[], bool]]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+_NAME_MAX = 255  # bytes of a file name (Linux filesystems)
+
+
 def _create_temp(directory: Path, base: str) -> tuple[int, Path]:
-    """Create ``.BASE.ova2img-XXXXXXXX.part`` in *directory*, exclusively; mode 0666 minus
-    the umask, like any new file (``mkstemp`` would make it 0600)."""
+    """Create ``.BASE.ova2img-XXXXXXXX.part`` in *directory* (BASE cut short when the name
+    would be too long), exclusively; mode 0666 minus the umask, like any new file (``mkstemp``
+    would make it 0600)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    # the name's bytes, cut so that the temporary name fits NAME_MAX as the output's does
+    head = os.fsencode(base)[: _NAME_MAX - len(".ova2img-01234567.part") - 1]
     for _ in range(100):
-        tmp = directory / f".{base}.ova2img-{secrets.token_hex(4)}.part"
+        tmp = directory / os.fsdecode(
+            b"." + head + f".ova2img-{secrets.token_hex(4)}.part".encode()
+        )
         try:
             return os.open(tmp, flags, 0o666), tmp
         except FileExistsError:

@@ -317,3 +317,17 @@ def test_no_writeback_hint_for_stdout(monkeypatch: pytest.MonkeyPatch) -> None:
     with open_output("-", stdout=sink) as out:
         out.write(b"x" * 4096)
     assert sink.getvalue() == b"x" * 4096
+
+
+@pytest.mark.parametrize("name", ["r" * 251 + ".tar", "é" * 125 + "x.tar"])
+def test_a_name_as_long_as_the_filesystem_allows(tmp_path: Path, name: str) -> None:
+    # 255 bytes (NAME_MAX): the temporary name beside it is cut short to fit, not refused
+    # (in UTF-8 too: "é" is two bytes, cut anywhere)
+    assert len(os.fsencode(name)) == 255
+    target = tmp_path / name
+    with open_output(str(target)) as out:
+        write_tar(probe_fs().walk(), out)
+        (tmp,) = leftovers(tmp_path)
+        assert len(os.fsencode(tmp)) <= 255
+    assert leftovers(tmp_path) == []
+    assert target.read_bytes() == plain_tar()
