@@ -2,7 +2,8 @@
 
 ``dissect.hypervisor/__init__.py`` imports every format it knows (VHD, VHDX, qcow2, VDI, HDD,
 ASIF, Hyper-V, OVF, VirtualBox, …), ``dissect.volume.disk`` every partition scheme (APM, BSD,
-GPT, MBR) and ``dissect.extfs`` its journal reader. Each of those modules parses its C structure
+GPT, MBR), ``dissect.extfs`` its journal reader and ``dissect.util`` every decompressor and hash
+it has. Each of those format modules parses its C structure
 definitions with dissect.cstruct at import, so ``import dissect.hypervisor.disk.vmdk`` costs
 about 115 ms, of which the VMDK module needs 40: a quarter of a small conversion's wall time.
 
@@ -38,6 +39,7 @@ DEFERRED = (
     "dissect.volume.disk",
     "dissect.volume.disk.schemes",
     "dissect.extfs",
+    "dissect.util",
 )
 
 #: dissect modules whose C definitions ova2img parses a few times per image: loaded uncompiled
@@ -69,7 +71,8 @@ def defer_package_inits(names: tuple[str, ...] = DEFERRED) -> None:
 
 
 def _completer(module: ModuleType) -> Any:
-    """The ``__getattr__`` of a deferred package: run its ``__init__`` once, then look again."""
+    """The ``__getattr__`` of a deferred package: run its ``__init__`` once, then look again;
+    a submodule (``from package import submodule``) is imported without it."""
     lock = threading.RLock()
     state = {"done": False}
 
@@ -78,6 +81,14 @@ def _completer(module: ModuleType) -> Any:
             # dunder look-ups come from the import machinery and from tools probing modules:
             # never worth running the whole package for
             raise AttributeError(attr)
+        if not state["done"]:
+            full = f"{module.__name__}.{attr}"
+            try:
+                found = importlib.util.find_spec(full) is not None
+            except (ImportError, ValueError):
+                found = False
+            if found:
+                return importlib.import_module(full)
         with lock:
             if not state["done"]:
                 state["done"] = True
