@@ -551,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         if not warmed:
                             run_ova2img(b, out, cache)  # read the OVA into the page cache
+                            out.unlink()  # (not replaced by the next run: that costs it)
                             warmed = True
                         # the last run's output (gigabytes for the large guests) is written
                         # back now, not while the next tool runs (not counted)
