@@ -87,6 +87,14 @@ def _checks_running() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "ova2img-manifest"]
 
 
+def _listed_appliance(tmp_path: Path, raw_disks: list[Path]) -> tuple[Path, list[str], Path]:
+    """An OVF with its disks and a manifest listing them all, and the OVA of them:
+    ``(ovf, disk names, ova)``."""
+    ovf, names = build_appliance(tmp_path, raw_disks, "ovftool")
+    write_manifest(tmp_path, ["app.ovf", *names], "SHA256", "ovftool")
+    return ovf, names, tar_ova(tmp_path, ["app.ovf", "app.mf", *names], tmp_path / "app.ova")
+
+
 def test_check_runs_beside_the_caller_until_settled(
     raw_disks: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -94,9 +102,7 @@ def test_check_runs_beside_the_caller_until_settled(
     # says so until settle(), which gives the final one (or raises the mismatch, every time it
     # is asked). The thread runs at the lowest priority: settle() does not wait for it, it
     # hashes what is left itself (here all of it: the thread is held back).
-    ovf, names = build_appliance(tmp_path, raw_disks, "ovftool")
-    write_manifest(tmp_path, ["app.ovf", *names], "SHA256", "ovftool")
-    ova = tar_ova(tmp_path, ["app.ovf", "app.mf", *names], tmp_path / "app.ova")
+    ovf, names, ova = _listed_appliance(tmp_path, raw_disks)
     gate = threading.Event()
     monkeypatch.setattr(manifest, "_yield_cpu", lambda: gate.wait(10))
     for source in (ova, ovf):
@@ -127,11 +133,9 @@ def test_check_runs_beside_the_caller_until_settled(
 def test_closing_stops_a_check_at_once(
     raw_disks: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Closing the source (a failure or Ctrl-C elsewhere) stops the hashing within one chunk
-    # and waits for the thread before the files are closed under it.
-    _, names = build_appliance(tmp_path, raw_disks, "ovftool")
-    write_manifest(tmp_path, ["app.ovf", *names], "SHA256", "ovftool")
-    ova = tar_ova(tmp_path, ["app.ovf", "app.mf", *names], tmp_path / "app.ova")
+    # Closing the source (a failure or Ctrl-C elsewhere) stops the hashing after the step
+    # under way, and the thread reads nothing after that: the files may be closed.
+    _, names, ova = _listed_appliance(tmp_path, raw_disks)
     monkeypatch.setattr(manifest, "STEP", 512)
     real_update = hashlib.new
     chunks: list[int] = []
@@ -170,9 +174,7 @@ def test_a_mismatch_is_preferred_to_the_failure_it_explains(
 ) -> None:
     # A decoding error met while the check runs is reported as the mismatch (chained to it),
     # a good package leaves the error as it is, and Ctrl-C never waits for the hashing.
-    _, names = build_appliance(tmp_path, raw_disks, "ovftool")
-    write_manifest(tmp_path, ["app.ovf", *names], "SHA256", "ovftool")
-    good = tar_ova(tmp_path, ["app.ovf", "app.mf", *names], tmp_path / "good.ova")
+    _, names, good = _listed_appliance(tmp_path, raw_disks)
     with (tmp_path / names[0]).open("r+b") as f:
         f.write(b"\0" * 16)
     bad = tar_ova(tmp_path, ["app.ovf", "app.mf", *names], tmp_path / "bad.ova")
