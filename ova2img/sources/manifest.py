@@ -231,6 +231,9 @@ class ManifestCheck:
         """Hash the next :data:`STEP` bytes (under the lock); ``False`` once all is done."""
         if self._done:
             return False
+        if self._next == len(self._files):  # every digest matched (or none was listed)
+            self._end(None)
+            return False
         try:
             d, fh = self._files[self._next]
             if self._hash is None:
@@ -250,9 +253,6 @@ class ManifestCheck:
             self._next += 1
             self._hash = None
             self._offset = 0
-            if self._next == len(self._files):
-                self._end(None)
-                return False
             return True
         except SourceError as err:
             self._end(err)

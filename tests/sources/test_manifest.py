@@ -215,3 +215,15 @@ def test_manifest_leaving_out_a_disk_is_partial_not_verified(
         assert any(f"does not list {names[1]}" in w for w in warned), warned
     with (tmp_path / "app.ova").open("rb") as fh, open_source(["-"], stdin=fh) as src:
         assert src.manifest == "partial"
+
+
+def test_an_empty_manifest_checks_nothing_and_says_so(
+    raw_disks: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # no digest to compute: the check ends at once, "partial" with the usual warning
+    _, names = build_appliance(tmp_path, raw_disks, "ovftool")
+    (tmp_path / "app.mf").write_text("")
+    ova = tar_ova(tmp_path, ["app.ovf", "app.mf", *names], tmp_path / "app.ova")
+    with open_source([str(ova)]) as src:
+        assert src.manifest == "partial"
+    assert any("does not list" in r.getMessage() for r in caplog.records)
