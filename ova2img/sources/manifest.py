@@ -202,7 +202,7 @@ class ManifestCheck:
             self.cancel()
             return
         self._finish()
-        if self._failure is not None:
+        if self._failure is not None and self._failure is not failure:  # (not its own cause)
             raise self._failure from failure
 
     def cancel(self) -> None:

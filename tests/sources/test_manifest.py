@@ -184,6 +184,9 @@ def test_a_mismatch_is_preferred_to_the_failure_it_explains(
         with pytest.raises(SourceError, match="digest mismatch") as err:
             src.check.prefer_mismatch(symptom)
         assert err.value.__cause__ is symptom
+        # the mismatch itself failing what the caller did (a walk's end): left to the caller
+        src.check.prefer_mismatch(err.value)
+        assert err.value.__cause__ is symptom
     with open_source([str(good)], settle=False) as src:
         assert src.check is not None
         src.check.prefer_mismatch(symptom)  # nothing better to say: returns
